@@ -1,0 +1,1 @@
+"""The shared training machinery: set-up, loop, checkpoints, logging."""

@@ -1,0 +1,234 @@
+"""The one training loop every task shares.
+
+Per iteration: this rank's share of the global batch is split into micro-batches; each is run
+forward and backward (loss / number of micro-batches, so gradients average over the global
+batch once megatron-core DDP has averaged them over data-parallel ranks); then the optimizer
+steps (fp16 steps that overflow are skipped and the loss scale drops), the LR schedule
+advances, and logging, evaluation and checkpointing happen on their intervals.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional
+
+import torch
+
+from megatron.emdr2.config import TrainingConfig
+from megatron.emdr2.training import checkpointing as ckpt
+from megatron.emdr2.training.logging import MetricsLogger
+from megatron.emdr2.training.setup import build_optimizer, build_scheduler, prepare_models
+from megatron.emdr2.training.task import Task, optional
+
+
+@dataclass
+class TrainState:
+    iteration: int = 0
+    best_score: Optional[float] = None
+    best_iteration: Optional[int] = None
+    history: list = field(default_factory=list)  # per-iteration metrics of this process's run
+
+
+def _dp_info():
+    from megatron.core import parallel_state as ps
+
+    return ps.get_data_parallel_rank(), ps.get_data_parallel_world_size(), ps.get_data_parallel_group()
+
+
+def _is_rank0() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+def _average_over_dp(values: dict[str, float], group) -> dict[str, float]:
+    """Average logged scalars over data-parallel ranks (one small all-reduce)."""
+    if not values or not torch.distributed.is_initialized():
+        return values
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    if torch.cuda.is_available():
+        t = t.cuda()
+    torch.distributed.all_reduce(t, group=group)
+    t /= torch.distributed.get_world_size(group)
+    return dict(zip(keys, t.tolist()))
+
+
+def _to_float(v) -> float:
+    return float(v.detach().float().item()) if torch.is_tensor(v) else float(v)
+
+
+class Trainer:
+    """Builds everything from a task and a config, then `train()`s; usable from tests too."""
+
+    def __init__(self, task: Task, cfg: TrainingConfig):
+        from megatron.emdr2.data.samplers import ResumableDistributedSampler
+
+        self.task, self.cfg = task, cfg
+        if cfg.deterministic:
+            torch.use_deterministic_algorithms(True)
+        self.models, self.ddp_models = prepare_models(task.build_models(), cfg)
+        self.optimizer = build_optimizer(self.ddp_models, cfg)
+        self.scheduler = build_scheduler(self.optimizer, cfg)
+        self.dp_rank, self.dp_size, self.dp_group = _dp_info()
+        self.num_micro_batches = cfg.batch.num_micro_batches(self.dp_size)
+        self.sampler = ResumableDistributedSampler(
+            task.num_train_samples(), cfg.batch.global_batch_size, self.dp_rank, self.dp_size,
+            seed=cfg.seed, shuffle=True)
+        self.state = TrainState()
+        self._saved_at: Optional[int] = None
+        self.logger = MetricsLogger(cfg.logging, save_dir=cfg.checkpoint.save, enabled=_is_rank0())
+        self._maybe_resume()
+
+    # ------------------------------------------------------------------ checkpoints
+    def _model_state(self) -> dict:
+        state = {
+            "iteration": self.state.iteration,
+            "models": {name: m.state_dict() for name, m in self.models.items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "train_state": {"best_score": self.state.best_score, "best_iteration": self.state.best_iteration},
+        }
+        task_state = optional(self.task, "state_dict")
+        if task_state:
+            state["task"] = task_state()
+        return state
+
+    def _rank_state(self) -> dict:
+        return {"rng": ckpt.get_rng_state(), "sampler": self.sampler.state_dict()}
+
+    def save(self) -> Optional[str]:
+        c = self.cfg.checkpoint
+        if not c.save:
+            return None
+        return ckpt.save_checkpoint(c.save, self.state.iteration, self._model_state(), self._rank_state(),
+                                    meta={"world_size": torch.distributed.get_world_size()
+                                          if torch.distributed.is_initialized() else 1},
+                                    keep_last=c.keep_last)
+
+    def _maybe_resume(self) -> None:
+        c = self.cfg.checkpoint
+        if not c.load:
+            return
+        loaded = ckpt.load_checkpoint(c.load, c.load_iteration)
+        if loaded is None:
+            self.logger.print(f"no checkpoint in {c.load}; starting from scratch")
+            return
+        iteration, model_state, rank_state = loaded
+        for name, m in self.models.items():
+            if name not in model_state["models"]:
+                raise ckpt.CheckpointError(f"{c.load}: checkpoint has no model {name!r} "
+                                           f"(it has {sorted(model_state['models'])})")
+            m.load_state_dict(model_state["models"][name])
+        if c.finetune:
+            self.optimizer.reload_model_params()
+            self.logger.print(f"loaded model weights of iteration {iteration} from {c.load} (finetune)")
+            return
+        self.optimizer.load_state_dict(model_state["optimizer"])
+        self.scheduler.load_state_dict(model_state["scheduler"])
+        self.state.iteration = iteration
+        ts = model_state.get("train_state", {})
+        self.state.best_score, self.state.best_iteration = ts.get("best_score"), ts.get("best_iteration")
+        if "task" in model_state and optional(self.task, "load_state_dict"):
+            self.task.load_state_dict(model_state["task"])
+        if rank_state is not None:
+            self.sampler.load_state_dict(rank_state["sampler"])
+            ckpt.set_rng_state(rank_state["rng"])
+        else:
+            # Saved with another world size: derive the data position from the iteration.
+            self.sampler.load_state_dict({"consumed_samples": iteration * self.cfg.batch.global_batch_size})
+            self.logger.print("world size changed since the checkpoint: RNG streams restart")
+        self.logger.print(f"resumed from {ckpt.iteration_dir(c.load, iteration)}")
+
+    # ------------------------------------------------------------------ one step
+    def train_step(self, local_indices) -> dict[str, float]:
+        for m in self.ddp_models:
+            m.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        mbs = self.cfg.batch.micro_batch_size
+        sums: dict[str, float] = {}
+        for mb in range(self.num_micro_batches):
+            batch = self.task.make_batch(local_indices[mb * mbs:(mb + 1) * mbs])
+            loss, metrics = self.task.forward_step(self.models, batch)
+            self.optimizer.scale_loss(loss.float() / self.num_micro_batches).backward()
+            sums["loss"] = sums.get("loss", 0.0) + _to_float(loss)
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + _to_float(v)
+        for m in self.ddp_models:
+            m.finish_grad_sync()
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
+        updated, grad_norm, _ = self.optimizer.step()
+        if updated:
+            self.scheduler.step(increment=1)  # one optimizer step (the global batch)
+        out = {k: v / self.num_micro_batches for k, v in sums.items()}
+        out = _average_over_dp(out, self.dp_group)
+        out.update(lr=lr,
+                   loss_scale=float(self.optimizer.get_loss_scale().item()),
+                   grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+                   skipped=0.0 if updated else 1.0)
+        return out
+
+    # ------------------------------------------------------------------ loop
+    def evaluate(self) -> Optional[dict]:
+        evaluate = optional(self.task, "evaluate")
+        if evaluate is None:
+            return None
+        for m in self.models.values():
+            m.eval()
+        with torch.no_grad():
+            metrics = evaluate(self.models, self.state.iteration)
+        for m in self.models.values():
+            m.train()
+        self.logger.log_eval(self.state.iteration, metrics)
+        score = metrics.get("score") if metrics else None
+        if score is not None and (self.state.best_score is None or score > self.state.best_score):
+            self.state.best_score, self.state.best_iteration = score, self.state.iteration
+            if self.cfg.checkpoint.save:
+                self.save()
+                ckpt.mark_best(self.cfg.checkpoint.save, self.state.iteration)
+                self._saved_at = self.state.iteration
+        return metrics
+
+    def train(self) -> TrainState:
+        cfg = self.cfg
+        total = cfg.schedule.train_iters
+        for m in self.models.values():
+            m.train()
+        batches = iter(self.sampler)
+        on_step_end = optional(self.task, "on_step_end")
+        progress = self.logger.progress(total, initial=self.state.iteration)
+        try:
+            while self.state.iteration < total:
+                t0 = time.perf_counter()
+                metrics = self.train_step(next(batches))
+                self.state.iteration += 1
+                metrics["step_time"] = time.perf_counter() - t0
+                self.state.history.append({"iteration": self.state.iteration, **metrics})
+                if on_step_end:
+                    on_step_end(self.models, self.state.iteration)
+                self.logger.log_train(self.state.iteration, total, metrics, progress)
+                it = self.state.iteration
+                if cfg.logging.eval_interval and it % cfg.logging.eval_interval == 0:
+                    self.evaluate()
+                if cfg.checkpoint.save_interval and it % cfg.checkpoint.save_interval == 0:
+                    self.save()
+                    self._saved_at = it
+        finally:
+            if progress is not None:
+                progress.close()
+        if cfg.logging.eval_interval and self.state.iteration % cfg.logging.eval_interval != 0:
+            self.evaluate()
+        if cfg.checkpoint.save and self._saved_at != self.state.iteration:
+            self.save()
+        close = optional(self.task, "close")
+        if close:
+            close()
+        self.logger.close()
+        return self.state
+
+
+def train(task: Task, cfg: TrainingConfig) -> TrainState:
+    return Trainer(task, cfg).train()
