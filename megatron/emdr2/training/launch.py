@@ -17,11 +17,16 @@ from megatron.emdr2.config import ConfigError, ModelSize, TrainingConfig
 def parse_and_validate(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None,
                        model_sizes: Callable[[argparse.Namespace], Iterable[ModelSize]] = lambda a: (),
                        paths: Callable[[argparse.Namespace], Iterable[tuple]] = lambda a: (),
+                       training_world: Callable[[argparse.Namespace, int], int] = lambda a, world: world,
                        ) -> tuple[argparse.Namespace, TrainingConfig]:
+    """``training_world(args, world)``: how many of the launched ranks train (the rest may index)."""
     args = parser.parse_args(argv)
     cfg = training_config_from_args(args)
     try:
-        validate(cfg, world_size_from_env(), list(model_sizes(args)), list(paths(args)))
+        world = training_world(args, world_size_from_env())
+        if world < 1:
+            raise ConfigError("no rank is left to train")
+        validate(cfg, world, list(model_sizes(args)), list(paths(args)))
     except ConfigError as e:
         fail(str(e), parser.prog)
     return args, cfg
@@ -34,17 +39,30 @@ def start(cfg: TrainingConfig):
     return initialize(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, cfg.seed)
 
 
-def run(task_factory: Callable[[], object], cfg: TrainingConfig):
-    """Train a task built after start-up; always shut the process group down."""
-    from megatron.emdr2.initialize import shutdown
+def _user_errors() -> tuple:
+    """Errors about the user's inputs: reported as one line, not a traceback."""
+    from megatron.emdr2.data.errors import DataError
+    from megatron.emdr2.index.shard_store import IndexStoreError
+    from megatron.emdr2.openqa.builders import PretrainedError
     from megatron.emdr2.training.checkpointing import CheckpointError
+
+    return (ConfigError, DataError, IndexStoreError, PretrainedError, CheckpointError)
+
+
+def run(task_factory: Callable[[], object], cfg: TrainingConfig, started: bool = False):
+    """Train a task built after start-up; always shut the process group down.
+
+    ``started``: the caller has already initialised distributed state (e.g. as a trainer role).
+    """
+    from megatron.emdr2.initialize import shutdown
     from megatron.emdr2.training.loop import Trainer
 
-    start(cfg)
+    if not started:
+        start(cfg)
     try:
         trainer = Trainer(task_factory(), cfg)
         return trainer.train()
-    except CheckpointError as e:
+    except _user_errors() as e:
         fail(str(e))
     finally:
         shutdown()

@@ -199,35 +199,42 @@ class Trainer:
             m.train()
         batches = iter(self.sampler)
         on_step_end = optional(self.task, "on_step_end")
+        extra_metrics = optional(self.task, "extra_metrics")
         progress = self.logger.progress(total, initial=self.state.iteration)
         try:
-            while self.state.iteration < total:
-                t0 = time.perf_counter()
-                metrics = self.train_step(next(batches))
-                self.state.iteration += 1
-                metrics["step_time"] = time.perf_counter() - t0
-                self.state.history.append({"iteration": self.state.iteration, **metrics})
-                if on_step_end:
-                    on_step_end(self.models, self.state.iteration)
-                self.logger.log_train(self.state.iteration, total, metrics, progress)
-                it = self.state.iteration
-                if cfg.logging.eval_interval and it % cfg.logging.eval_interval == 0:
-                    self.evaluate()
-                if cfg.checkpoint.save_interval and it % cfg.checkpoint.save_interval == 0:
-                    self.save()
-                    self._saved_at = it
+            self._train_iterations(total, batches, on_step_end, extra_metrics, progress)
         finally:
             if progress is not None:
                 progress.close()
+            close = optional(self.task, "close")
+            if close:
+                close()  # also on failure: e.g. tells indexer ranks that training has stopped
         if cfg.logging.eval_interval and self.state.iteration % cfg.logging.eval_interval != 0:
             self.evaluate()
         if cfg.checkpoint.save and self._saved_at != self.state.iteration:
             self.save()
-        close = optional(self.task, "close")
-        if close:
-            close()
         self.logger.close()
         return self.state
+
+    def _train_iterations(self, total, batches, on_step_end, extra_metrics, progress) -> None:
+        cfg = self.cfg
+        while self.state.iteration < total:
+            t0 = time.perf_counter()
+            metrics = self.train_step(next(batches))
+            self.state.iteration += 1
+            it = self.state.iteration
+            metrics["step_time"] = time.perf_counter() - t0
+            if on_step_end:
+                on_step_end(self.models, it)
+            if extra_metrics:
+                metrics.update(extra_metrics(it))
+            self.state.history.append({"iteration": it, **metrics})
+            self.logger.log_train(it, total, metrics, progress)
+            if cfg.logging.eval_interval and it % cfg.logging.eval_interval == 0:
+                self.evaluate()
+            if cfg.checkpoint.save_interval and it % cfg.checkpoint.save_interval == 0:
+                self.save()
+                self._saved_at = it
 
 
 def train(task: Task, cfg: TrainingConfig) -> TrainState:

@@ -1,0 +1,217 @@
+"""The EMDR² training step: retrieve, re-score, read, and train reader and retriever jointly.
+
+Per micro-batch of B questions:
+  1. embed the questions with the query tower (gradient on);
+  2. top-K passages from the (possibly stale) sharded index, skipping excluded ids (MSS);
+  3. re-score the K passages with the current towers: scores = f_q(q)·f_d(z_k)/τ  [B, K];
+  4. FiD reader over the K passages: teacher-forced answer NLL (the reader term);
+  5. per-passage answer likelihoods from the same encoder states, decoder only, eval mode,
+     no autograd (the stop-gradient of the retriever term);
+  6. loss = reader + retriever term (``objectives.py``), averaged over the batch.
+The index is refreshed by ``IndexManager`` after optimizer steps (synchronously, or by
+indexer ranks).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from megatron.emdr2.config import ModelSize, TrainingConfig
+from megatron.emdr2.data.inputs import (ANSWER_MAX_LEN, READER_MAX_LEN, RETRIEVER_MAX_LEN, decoder_inputs,
+                                        encode_answers, encode_context, encode_query, encode_reader_inputs)
+from megatron.emdr2.objectives import ObjectiveConfig, joint_loss
+from megatron.emdr2.openqa import builders
+from megatron.emdr2.openqa.index_refresh import IndexManager, RefreshConfig
+from megatron.emdr2.openqa.retrieval import build_index, search_excluding
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class OpenQAConfig:
+    """What the EMDR²-style tasks (fine-tuning and MSS) share."""
+
+    retriever: ModelSize
+    reader: ModelSize
+    top_k: int = 50
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    shared_towers: bool = False
+    freeze_query_tower: bool = False
+    freeze_context_tower: bool = False
+    retriever_load: Optional[str] = None
+    reader_load: Optional[str] = None
+    query_max_len: int = 64
+    context_max_len: int = RETRIEVER_MAX_LEN
+    reader_max_len: int = READER_MAX_LEN
+    answer_max_len: int = ANSWER_MAX_LEN
+    eval_max_questions: Optional[int] = None
+    eval_batch_size: int = 8
+    num_beams: int = 1
+    predictions_file: Optional[str] = None
+
+
+@dataclass
+class QABatch:
+    questions: list[str]
+    answers: list[list[str]]
+    query_ids: torch.Tensor
+    query_mask: torch.Tensor
+    labels: torch.Tensor
+    label_mask: torch.Tensor
+    decoder_ids: torch.Tensor
+    exclude_ids: Optional[torch.Tensor] = None  # [B, E] passage ids never to retrieve (-1 = none)
+
+
+class OpenQATask:
+    """EMDR² fine-tuning on (question, answers) pairs; MSS subclasses it with other examples."""
+
+    def __init__(self, qa_cfg: OpenQAConfig, cfg: TrainingConfig, train_examples, dev_examples,
+                 evidence, retriever_tok, reader_tok, refresh: RefreshConfig):
+        self.qa, self.cfg = qa_cfg, cfg
+        self.train_examples, self.dev_examples = train_examples, dev_examples
+        self.evidence = evidence
+        self.rtok, self.tok = retriever_tok, reader_tok
+        self.refresh_cfg = refresh
+        self.index_manager: Optional[IndexManager] = None
+        self._biencoder = None
+
+    # ------------------------------------------------------------------ models
+    def build_models(self):
+        p, tp = self.cfg.precision.precision, self.cfg.parallel.tensor_parallel
+        biencoder = builders.build_biencoder(
+            self.qa.retriever, self.rtok.vocab_size, p, tp, shared=self.qa.shared_towers,
+            freeze_query=self.qa.freeze_query_tower, freeze_context=self.qa.freeze_context_tower)
+        reader = builders.build_reader(self.qa.reader, self.tok.vocab_size, self.tok.real_vocab_size, p, tp)
+        if self.qa.retriever_load:
+            builders.load_into(biencoder, builders.load_model_state(self.qa.retriever_load, "biencoder"),
+                               self.qa.retriever_load)
+        if self.qa.reader_load:
+            builders.load_into(reader, builders.load_model_state(self.qa.reader_load, "reader"),
+                               self.qa.reader_load)
+        self._biencoder = biencoder
+        self._start_index(biencoder)
+        return {"biencoder": biencoder, "reader": reader}
+
+    def _start_index(self, biencoder) -> None:
+        from megatron.emdr2.index import shard_store
+
+        r = self.refresh_cfg
+
+        def build_sync(step: int) -> str:
+            out = f"{r.index_dir}/{shard_store.version_name(step)}"
+            return build_index(biencoder, self.rtok, self.evidence, out, model_step=step,
+                               batch_size=r.embed_batch_size, max_len=self.qa.context_max_len)
+
+        def context_state() -> dict:
+            return biencoder.context_encoder.state_dict()
+
+        self.index_manager = IndexManager(r, build_sync, context_state)
+        try:
+            shard_store.resolve(r.index_dir)
+            self.index_manager.load(r.index_dir)
+        except shard_store.IndexStoreError:
+            logger.info("no index in %s yet: embedding the evidence with the initial context tower", r.index_dir)
+            self.index_manager.load(build_sync(0))
+
+    # ------------------------------------------------------------------ data
+    def num_train_samples(self) -> int:
+        return len(self.train_examples)
+
+    def _target_answer(self, example) -> str:
+        return example.answers[0]  # the first gold answer, as the original's training data did
+
+    def make_batch(self, indices: Sequence[int]) -> QABatch:
+        examples = [self.train_examples[int(i)] for i in indices]
+        return self._qa_batch(examples, [self._target_answer(e) for e in examples])
+
+    def _qa_batch(self, examples, targets: list[str], exclude=None) -> QABatch:
+        q_ids, q_mask = encode_query(self.rtok, [e.question for e in examples], self.qa.query_max_len,
+                                     pad_to="longest")
+        labels, label_mask = encode_answers(self.tok, targets, self.qa.answer_max_len, pad_to="longest")
+        dec = decoder_inputs(labels, label_mask, self.tok.bos_id, self.tok.pad_id)
+        return QABatch([e.question for e in examples], [e.answers for e in examples], q_ids, q_mask,
+                       labels, label_mask, dec, exclude)
+
+    # ------------------------------------------------------------------ step
+    def retrieve(self, biencoder, batch: QABatch, k: int, grad: bool = True):
+        """(query embeddings [B, H], retrieved ids [B, k], their index scores [B, k])."""
+        q_emb = biencoder.embed_queries(batch.query_ids, batch.query_mask)
+        index_scores, ids = search_excluding(self.index_manager.index, q_emb.detach().float(), k,
+                                             batch.exclude_ids)
+        return q_emb, ids, index_scores
+
+    def passages(self, ids: torch.Tensor) -> list[list[tuple[str, str]]]:
+        rows = self.evidence.row_of(ids.cpu().numpy())
+        flat = self.evidence.passages(rows.reshape(-1))
+        K = ids.size(1)
+        return [flat[b * K:(b + 1) * K] for b in range(ids.size(0))]
+
+    def reader_inputs(self, questions: list[str], passages: list[list[tuple[str, str]]]):
+        pairs = [encode_reader_inputs(self.tok, q, ps, self.qa.reader_max_len, pad_to="longest")
+                 for q, ps in zip(questions, passages)]
+        width = max(ids.size(1) for ids, _ in pairs)
+        pad = lambda t, v: torch.nn.functional.pad(t, (0, width - t.size(1)), value=v)
+        ids = torch.stack([pad(i, self.tok.pad_id) for i, _ in pairs])
+        mask = torch.stack([pad(m, 0) for _, m in pairs])
+        return ids, mask  # [B, K, S]
+
+    def forward_step(self, models, batch: QABatch):
+        biencoder, reader = models["biencoder"], models["reader"]
+        K = self.qa.top_k
+        q_emb, ids, _ = self.retrieve(biencoder, batch, K)
+        passages = self.passages(ids)
+
+        # Re-score the retrieved passages with the current towers (gradient into both).
+        c_ids, c_mask = encode_context(self.rtok, [p for ps in passages for p in ps], self.qa.context_max_len,
+                                       pad_to="longest")
+        c_emb = biencoder.embed_contexts(c_ids, c_mask).view(len(passages), K, -1)
+        scores = biencoder.score(q_emb, c_emb)
+
+        r_ids, r_mask = self.reader_inputs(batch.questions, passages)
+        states, memory_mask = reader.encode(r_ids, r_mask)
+        token_nll = reader.token_nll(states, memory_mask, batch.decoder_ids, batch.labels, batch.label_mask)
+        reader_nll = token_nll.sum(-1)  # -log p(a | q, Z), summed over answer tokens
+        if self.qa.objective.retriever_objective == "none":
+            token_lp = torch.zeros(len(passages), K, batch.labels.size(1))
+        else:
+            _, token_lp = reader.per_passage_log_likelihood(states, memory_mask, K, batch.decoder_ids,
+                                                            batch.labels, batch.label_mask)
+        out = joint_loss(self.qa.objective, scores, token_lp, batch.label_mask.float(), reader_nll)
+        p_top1 = out.log_p_z.exp()[:, 0].mean()
+        return out.loss, {"reader_loss": out.reader_loss, "retriever_loss": out.retriever_loss,
+                          "p_top1": p_top1}
+
+    # ------------------------------------------------------------------ hooks
+    def on_step_end(self, models, iteration: int) -> None:
+        self.index_manager.after_step(iteration)
+
+    def extra_metrics(self, iteration: int) -> dict:
+        index = self.index_manager.index
+        return {"index_staleness": float(self.index_manager.staleness(iteration)),
+                "index_step": float(index.model_step if index is not None else 0)}
+
+    def evaluate(self, models, iteration: int) -> dict:
+        from megatron.emdr2.openqa.evaluation import evaluate_open_qa
+
+        examples = self.dev_examples
+        if self.qa.eval_max_questions:
+            examples = examples[: self.qa.eval_max_questions]
+        metrics = evaluate_open_qa(self, models, examples, iteration=iteration,
+                                   predictions_file=self.qa.predictions_file)
+        metrics["score"] = metrics["em"]
+        return metrics
+
+    def state_dict(self) -> dict:
+        return {"index_version": self.index_manager.version if self.index_manager else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass  # the newest published index is picked up at start; nothing else to restore
+
+    def close(self) -> None:
+        if self.index_manager is not None:
+            self.index_manager.close()

@@ -1,0 +1,178 @@
+"""Flags and start-up shared by the reader-retriever tasks (EMDR² fine-tuning, MSS, evaluation)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from megatron.emdr2.arguments import add_model_size_args, fail, model_size_from_args
+from megatron.emdr2.config import ModelSize, TrainingConfig
+from megatron.emdr2.objectives import MARGINALISATIONS, RETRIEVER_OBJECTIVES, ObjectiveConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+NQ_MINI = os.path.join(REPO, "data", "nq-mini")
+
+# BERT-base retriever towers and a T5-base-sized reader: the paper's models.
+RETRIEVER_BASE = ModelSize(num_layers=12, hidden_size=768, num_attention_heads=12, seq_length=512)
+READER_BASE = ModelSize(num_layers=12, hidden_size=768, num_attention_heads=12, seq_length=512)
+
+
+def add_openqa_args(parser: argparse.ArgumentParser, retriever: ModelSize = RETRIEVER_BASE,
+                    reader: ModelSize = READER_BASE) -> None:
+    add_model_size_args(parser, "retriever", retriever, "retriever towers (BERT)")
+    add_model_size_args(parser, "reader", reader, "reader (T5, Fusion-in-Decoder)")
+    g = parser.add_argument_group("open-domain QA")
+    g.add_argument("--evidence", default=os.path.join(NQ_MINI, "evidence.tsv"),
+                   help="DPR-style passages tsv (id, text, title) or a preprocessed mmap prefix")
+    g.add_argument("--dev-data", default=os.path.join(NQ_MINI, "dev.tsv"))
+    g.add_argument("--vocab-file", default=None, help="BERT WordPiece vocab (default: the bundled uncased one)")
+    g.add_argument("--index-dir", required=True, help="where index versions are written and read")
+    g.add_argument("--top-k", type=int, default=50, help="passages retrieved per question")
+    g.add_argument("--retriever-load", default=None, help="initial retriever weights (checkpoint dir or .pt)")
+    g.add_argument("--reader-load", default=None, help="initial reader weights (checkpoint dir or .pt)")
+    g.add_argument("--shared-towers", action="store_true", help="one BERT for questions and passages")
+    g.add_argument("--freeze-query-tower", action="store_true")
+    g.add_argument("--freeze-context-tower", action="store_true")
+    g.add_argument("--retriever-objective", default="emdr2", choices=RETRIEVER_OBJECTIVES,
+                   help="emdr2 (paper), kl (ret-kldiv), pdist (Atlas), none (frozen-retriever FiD)")
+    g.add_argument("--marginalisation", default="sequence", choices=MARGINALISATIONS,
+                   help="EMDR² marginal over whole answers (paper) or per token (original code)")
+    g.add_argument("--retriever-weight", type=float, default=1.0)
+    g.add_argument("--pdist-temperature", type=float, default=1.0)
+    g.add_argument("--query-max-len", type=int, default=64)
+    g.add_argument("--context-max-len", type=int, default=256)
+    g.add_argument("--reader-max-len", type=int, default=512)
+    g.add_argument("--answer-max-len", type=int, default=32)
+    g.add_argument("--index-reload-interval", type=int, default=500,
+                   help="steps between index refreshes (0: never)")
+    g.add_argument("--num-indexer-ranks", type=int, default=0,
+                   help="ranks (the last ones) that re-embed the evidence asynchronously; "
+                        "0: the trainers refresh synchronously")
+    g.add_argument("--embed-batch-size", type=int, default=128)
+    g.add_argument("--eval-max-questions", type=int, default=None)
+    g.add_argument("--eval-batch-size", type=int, default=8)
+    g.add_argument("--num-beams", type=int, default=1)
+    g.add_argument("--predictions-file", default=None,
+                   help="JSON lines of dev predictions ({iteration} is replaced)")
+
+
+def training_world(args, world: int) -> int:
+    """Ranks that train: the last --num-indexer-ranks ranks only embed evidence."""
+    return world - args.num_indexer_ranks
+
+
+def model_sizes(args) -> list[ModelSize]:
+    return [model_size_from_args(args, "retriever"), model_size_from_args(args, "reader")]
+
+
+def openqa_paths(args) -> list[tuple[str, str]]:
+    return [("--evidence", args.evidence), ("--dev-data", args.dev_data), ("--vocab-file", args.vocab_file),
+            ("--retriever-load", args.retriever_load), ("--reader-load", args.reader_load)]
+
+
+def check_openqa_args(args, cfg: TrainingConfig, prog: str) -> None:
+    if args.top_k < 1:
+        fail("--top-k must be >= 1", prog)
+    if args.num_indexer_ranks and cfg.parallel.tensor_parallel > 1:
+        fail("--num-indexer-ranks with --tensor-model-parallel-size > 1 is not supported yet "
+             "(the indexers embed with an unsharded context tower)", prog)
+    if cfg.parallel.tensor_parallel > 1:
+        fail("evidence embedding for the index runs with tensor-parallel size 1 only; "
+             "use data parallelism for the EMDR² tasks", prog)
+
+
+def qa_config(args):
+    from megatron.emdr2.openqa.emdr2_task import OpenQAConfig
+
+    return OpenQAConfig(
+        retriever=model_size_from_args(args, "retriever"), reader=model_size_from_args(args, "reader"),
+        top_k=args.top_k,
+        objective=ObjectiveConfig(args.retriever_objective, args.marginalisation, args.pdist_temperature,
+                                  args.retriever_weight),
+        # The frozen-retriever FiD baseline ("none") trains the reader only.
+        shared_towers=args.shared_towers,
+        freeze_query_tower=args.freeze_query_tower or args.retriever_objective == "none",
+        freeze_context_tower=args.freeze_context_tower or args.retriever_objective == "none",
+        retriever_load=args.retriever_load, reader_load=args.reader_load,
+        query_max_len=args.query_max_len, context_max_len=args.context_max_len,
+        reader_max_len=args.reader_max_len, answer_max_len=args.answer_max_len,
+        eval_max_questions=args.eval_max_questions, eval_batch_size=args.eval_batch_size,
+        num_beams=args.num_beams, predictions_file=args.predictions_file)
+
+
+def refresh_config(args):
+    from megatron.emdr2.openqa.index_refresh import RefreshConfig
+
+    return RefreshConfig(index_dir=args.index_dir, interval=args.index_reload_interval,
+                         asynchronous=args.num_indexer_ranks > 0, embed_batch_size=args.embed_batch_size)
+
+
+def tokenizers(args):
+    from megatron.emdr2.data.tokenizer import BertWordPieceTokenizer
+
+    retriever = BertWordPieceTokenizer(args.vocab_file)
+    # The paper's reader shares the BERT vocabulary, plus [BOS], [EOS] and 100 sentinels.
+    reader = BertWordPieceTokenizer(args.vocab_file, t5_extras=True, pad_to_multiple=128)
+    return retriever, reader
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
+    for noisy in ("megatron.core", "torch"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def run_roles(args, cfg: TrainingConfig, make_task, make_indexer) -> None:
+    """Start this process as a trainer or an indexer (with --num-indexer-ranks) and run it."""
+    from megatron.emdr2.initialize import init_model_parallel, read_launch_env, set_seed, shutdown
+    from megatron.emdr2.roles import assign_role, init_role_process_group
+    from megatron.emdr2.training import launch
+
+    setup_logging()
+    if not args.num_indexer_ranks:
+        launch.run(make_task, cfg)
+        return
+    env = read_launch_env()
+    try:
+        role = assign_role(env, args.num_indexer_ranks)
+    except ValueError as e:
+        fail(str(e))
+    init_role_process_group(env, role)
+    if role.is_trainer:
+        init_model_parallel(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel)
+        set_seed(cfg.seed)
+        launch.run(make_task, cfg, started=True)
+        return
+    init_model_parallel(1, 1)  # indexers run unsharded context towers, data-parallel over evidence
+    set_seed(cfg.seed)
+    try:
+        make_indexer()
+    except Exception:  # an indexer failure must not take the job down (torchrun would)
+        logging.getLogger("indexer").exception("indexer rank %d failed; training goes on without it", role.rank)
+    finally:
+        shutdown()
+
+
+def indexer_main(args, cfg: TrainingConfig) -> None:
+    """An indexer rank: re-embed the evidence whenever the trainers publish a new context tower."""
+    from megatron.emdr2.data.evidence import load_evidence
+    from megatron.emdr2.openqa import builders
+    from megatron.emdr2.openqa.index_refresh import run_indexer
+    from megatron.emdr2.openqa.retrieval import build_index
+
+    rtok, _ = tokenizers(args)
+    evidence = load_evidence(args.evidence)
+    size = model_size_from_args(args, "retriever")
+    biencoder = builders.build_biencoder(size, rtok.vocab_size, cfg.precision.precision, shared=True)
+
+    def embed_version(step: int, tower_state: dict, out_dir: str) -> None:
+        biencoder.query_tower.load_state_dict(tower_state, strict=False)
+        missing = set(biencoder.query_tower.state_dict()) - set(tower_state)
+        if any(not k.endswith("_extra_state") for k in missing):
+            raise KeyError(f"context tower weights lack {sorted(missing)[:3]}")
+        build_index(biencoder, rtok, evidence, out_dir, model_step=step, batch_size=args.embed_batch_size,
+                    max_len=args.context_max_len, progress=False)
+
+    run_indexer(refresh_config(args), embed_version)

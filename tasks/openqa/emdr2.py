@@ -1,0 +1,59 @@
+"""EMDR² end-to-end training of the FiD reader and the dual-encoder retriever.
+
+    python -m tasks.openqa.emdr2 --train-data data/nq-mini/train.tsv --index-dir runs/index ...
+    torchrun --nproc_per_node 16 -m tasks.openqa.emdr2 --num-indexer-ranks 8 ...   (async refresh)
+
+See examples/emdr2_*.sh for the paper's settings.
+"""
+
+from __future__ import annotations
+
+import os
+
+from megatron.emdr2.arguments import ArgumentParser, add_training_args
+from megatron.emdr2.config import TrainingConfig
+from megatron.emdr2.training import launch
+from tasks.openqa import common
+
+# Table 7 of the paper (NQ / TriviaQA): Adam, lr 2e-5, 1% warm-up, linear decay, weight decay
+# 0.1, clip 1.0, batch 64. Iterations depend on the dataset size (10 epochs).
+DEFAULTS = TrainingConfig()
+DEFAULTS.optimizer.lr = 2e-5
+DEFAULTS.optimizer.weight_decay = 0.1
+DEFAULTS.optimizer.clip_grad = 1.0
+DEFAULTS.schedule.lr_warmup_fraction = 0.01
+DEFAULTS.batch.global_batch_size = 64
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="emdr2", description="EMDR² end-to-end reader-retriever training")
+    add_training_args(parser, DEFAULTS)
+    common.add_openqa_args(parser)
+    parser.add_argument("--train-data", default=os.path.join(common.NQ_MINI, "train.tsv"),
+                        help="QA training file (tsv, jsonl, DPR/FiD json, WebQuestions, TriviaQA)")
+    return parser
+
+
+def make_task(args, cfg):
+    from megatron.emdr2.data.evidence import load_evidence
+    from megatron.emdr2.data.qa import load_qa
+    from megatron.emdr2.openqa.emdr2_task import OpenQATask
+
+    rtok, tok = common.tokenizers(args)
+    return OpenQATask(common.qa_config(args), cfg, load_qa(args.train_data, for_training=True),
+                      load_qa(args.dev_data), load_evidence(args.evidence), rtok, tok,
+                      common.refresh_config(args))
+
+
+def main(argv=None):
+    parser = build_parser()
+    args, cfg = launch.parse_and_validate(
+        parser, argv, model_sizes=common.model_sizes,
+        paths=lambda a: common.openqa_paths(a) + [("--train-data", a.train_data)],
+        training_world=common.training_world)
+    common.check_openqa_args(args, cfg, parser.prog)
+    common.run_roles(args, cfg, lambda: make_task(args, cfg), lambda: common.indexer_main(args, cfg))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""2 trainer + 2 indexer ranks on gloo: the index is refreshed while training goes on, an
+indexer killed mid-refresh does not stop training, and every rank ends cleanly."""
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from openqa_helpers import NQ_MINI, TINY_OPENQA, launch_ranks, records, small_evidence
+
+
+def _flags(tmp_path, evidence, iters):
+    return [*TINY_OPENQA, "--evidence", str(evidence), "--train-data", str(NQ_MINI / "train.tsv"),
+            "--dev-data", str(NQ_MINI / "dev.tsv"), "--index-dir", str(tmp_path / "index"),
+            "--top-k", "4", "--global-batch-size", "4", "--micro-batch-size", "2", "--lr", "1e-3",
+            "--train-iters", str(iters), "--index-reload-interval", "4", "--num-indexer-ranks", "2",
+            "--metrics-file", str(tmp_path / "metrics.jsonl")]
+
+
+def _wait_all(procs, timeout):
+    deadline = time.time() + timeout
+    for p in procs:
+        p.wait(max(1, deadline - time.time()))
+    return [p.returncode for p in procs]
+
+
+def _logs(tmp_path):
+    return "\n".join(f"--- {p.name}\n{p.read_text()[-1500:]}" for p in sorted(tmp_path.glob("rank*.log")))
+
+
+@pytest.mark.parametrize("kill_indexer", [False, True], ids=["refresh", "indexer-killed"])
+def test_async_refresh_with_indexer_ranks(tmp_path, kill_indexer):
+    from megatron.emdr2.initialize import free_port
+
+    evidence = small_evidence(tmp_path, 300)
+    procs = launch_ranks("tasks.openqa.emdr2", _flags(tmp_path, evidence, 60), 4, free_port(), tmp_path)
+    try:
+        if kill_indexer:
+            # Wait until the indexers are writing a refreshed version, then kill one of them.
+            index = tmp_path / "index"
+            deadline = time.time() + 240
+            while time.time() < deadline:
+                if any(index.glob("step-0*[1-9]*/*.partial")):
+                    break
+                time.sleep(0.01)
+            else:
+                pytest.fail("no refresh started:\n" + _logs(tmp_path))
+            os.kill(procs[3].pid, signal.SIGKILL)
+        codes = _wait_all(procs, 400)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    logs = _logs(tmp_path)
+    assert codes[:2] == [0, 0], logs  # trainers finished
+    if kill_indexer:
+        assert codes[3] == -signal.SIGKILL and codes[2] == 0, (codes, logs)
+    else:
+        assert codes == [0, 0, 0, 0], logs
+
+    train = records(tmp_path / "metrics.jsonl")
+    assert [r["iteration"] for r in train] == list(range(1, 61))
+    steps = sorted({int(r["index_step"]) for r in train})
+    times = sorted(r["step_time"] for r in train)
+    median = times[len(times) // 2]
+    if kill_indexer:
+        # Training used the initial index, maybe the first refresh, and carried on.
+        assert max(r["index_step"] for r in train) < 60
+    else:
+        assert len(steps) >= 3, f"index versions used: {steps}\n{logs}"  # initial + >= 2 refreshes
+        assert all(b > a for a, b in zip(steps, steps[1:]))
+    # Never stalled waiting for the indexers: no step is far slower than the typical one.
+    assert times[-1] < max(20 * median, 5.0), (times[-5:], median)
+    staleness = [r["index_staleness"] for r in train]
+    assert all(s >= 0 for s in staleness)
