@@ -176,3 +176,62 @@ def indexer_main(args, cfg: TrainingConfig) -> None:
                     max_len=args.context_max_len, progress=False)
 
     run_indexer(refresh_config(args), embed_version)
+
+
+def add_inference_args(parser: argparse.ArgumentParser) -> None:
+    """Flags of the commands that load a trained reader-retriever (evaluate, answer)."""
+    from megatron.emdr2.config import PRECISIONS
+
+    common_defaults = dict(retriever=RETRIEVER_BASE, reader=READER_BASE)
+    add_openqa_args(parser, **common_defaults)
+    parser.add_argument("--load", required=True,
+                        help="EMDR²/MSS checkpoint directory (its best iteration, else latest)")
+    parser.add_argument("--rebuild-index", action="store_true",
+                        help="re-embed the evidence with the checkpoint's context tower even if "
+                             "--index-dir already holds an index")
+    parser.add_argument("--precision", default="fp32", choices=PRECISIONS)
+    parser.add_argument("--seed", type=int, default=1234)
+
+
+def load_for_inference(args):
+    """(task, models) ready to answer questions: weights from --load, sizes from its metadata."""
+    import shutil
+
+    from megatron.emdr2.config import ModelSize, PrecisionConfig
+    from megatron.emdr2.data.evidence import load_evidence
+    from megatron.emdr2.initialize import initialize
+    from megatron.emdr2.openqa import builders
+    from megatron.emdr2.openqa.emdr2_task import OpenQATask
+    from megatron.emdr2.training.setup import cast_to_precision
+
+    meta = builders.load_checkpoint_meta(args.load)
+    if meta.get("retriever"):  # the checkpoint knows its sizes: they win over flags
+        for role in ("retriever", "reader"):
+            for key, value in meta[role].items():
+                setattr(args, f"{role}_{key}", value)
+        args.shared_towers = meta.get("shared_towers", args.shared_towers)
+    args.retriever_load = args.reader_load = args.load
+    cfg = TrainingConfig(seed=args.seed, precision=PrecisionConfig(args.precision))
+    initialize(seed=args.seed)
+    if args.rebuild_index and os.path.isdir(args.index_dir):
+        from torch import distributed as dist
+
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            shutil.rmtree(args.index_dir)
+        if dist.is_initialized():
+            dist.barrier()
+    rtok, tok = tokenizers(args)
+    task = OpenQATask(qa_config(args), cfg, [], [], load_evidence(args.evidence), rtok, tok, refresh_config(args))
+    models = {name: cast_to_precision(m, cfg).eval() for name, m in task.build_models().items()}
+    return task, models
+
+
+def write_json_atomic(path: str, obj) -> None:
+    import json
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)

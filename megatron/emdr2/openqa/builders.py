@@ -69,18 +69,31 @@ def _checkpoint_iteration(root: str) -> Optional[int]:
     return None
 
 
+def _resolve_iteration_dir(path: str) -> str:
+    if os.path.exists(os.path.join(path, ckpt.MANIFEST)):
+        return path
+    it = _checkpoint_iteration(path)
+    if it is None:
+        raise PretrainedError(f"{path}: neither a checkpoint iteration (no {ckpt.MANIFEST}) nor a "
+                              f"checkpoint directory (no '{ckpt.BEST}' or '{ckpt.LATEST}' pointer)")
+    return ckpt.iteration_dir(path, it)
+
+
+def load_checkpoint_meta(path: str) -> dict:
+    """What the task recorded about its models (sizes, vocabulary) in a training checkpoint."""
+    if not os.path.isdir(path):
+        return {}
+    iteration_dir = _resolve_iteration_dir(path)
+    state = torch.load(os.path.join(iteration_dir, ckpt.model_file(0)), map_location="cpu", weights_only=False)
+    return state.get("meta", {})
+
+
 def load_model_state(path: str, name: str, tp_rank: int = 0) -> dict:
     """The state dict of model ``name`` (e.g. "biencoder", "reader") stored at ``path``."""
     if not os.path.exists(path):
         raise PretrainedError(f"{path}: no such file or directory")
     if os.path.isdir(path):
-        iteration_dir = path
-        if not os.path.exists(os.path.join(path, ckpt.MANIFEST)):
-            it = _checkpoint_iteration(path)
-            if it is None:
-                raise PretrainedError(f"{path}: neither a checkpoint iteration (no {ckpt.MANIFEST}) nor a "
-                                      f"checkpoint directory (no '{ckpt.BEST}' or '{ckpt.LATEST}' pointer)")
-            iteration_dir = ckpt.iteration_dir(path, it)
+        iteration_dir = _resolve_iteration_dir(path)
         try:
             ckpt.verify_checkpoint(iteration_dir)
         except ckpt.CheckpointError as e:

@@ -206,6 +206,13 @@ class OpenQATask:
         metrics["score"] = metrics["em"]
         return metrics
 
+    def checkpoint_meta(self) -> dict:
+        from dataclasses import asdict
+
+        return {"retriever": asdict(self.qa.retriever), "reader": asdict(self.qa.reader),
+                "shared_towers": self.qa.shared_towers, "vocab_file": self.rtok.vocab_file,
+                "top_k": self.qa.top_k}
+
     def state_dict(self) -> dict:
         return {"index_version": self.index_manager.version if self.index_manager else None}
 

@@ -39,53 +39,67 @@ def _progress(total: int, enabled: bool, desc: str):
 
 
 @torch.no_grad()
+def predict_batch(task, models, examples: Sequence, k_search: int, passages_in_output: int = 5) -> list[dict]:
+    """Retrieve, read and answer a batch of questions (answers, if any, are only carried along).
+
+    Each record: question, prediction, the retrieval ranks' passages (id, title, p(z|q) from the
+    current towers, over the reader's top-K), and the first-hit rank when gold answers exist.
+    """
+    biencoder, reader = models["biencoder"], models["reader"]
+    qa = task.qa
+    batch = task._qa_batch(examples, [e.answers[0] if e.answers else "" for e in examples])
+    _, ids, _ = task.retrieve(biencoder, batch, k_search)
+    passages = task.passages(ids)
+    K = min(qa.top_k, ids.size(1))
+    reader_passages = [ps[:K] for ps in passages]
+    r_ids, r_mask = task.reader_inputs(batch.questions, reader_passages)
+    generated = reader.generate(r_ids, r_mask, max_length=qa.answer_max_len, num_beams=qa.num_beams,
+                                bos_id=task.tok.bos_id, eos_id=task.tok.eos_id, pad_id=task.tok.pad_id)
+    q_emb = biencoder.embed_queries(batch.query_ids, batch.query_mask)
+    c_ids, c_mask = encode_context(task.rtok, [p for ps in reader_passages for p in ps],
+                                   qa.context_max_len, pad_to="longest")
+    c_emb = biencoder.embed_contexts(c_ids, c_mask).view(len(examples), K, -1)
+    probs = torch.softmax(biencoder.score(q_emb, c_emb), dim=-1)
+    has_gold = all(e.answers for e in examples)
+    ranks = first_hit_ranks(batch.answers, passages) if has_gold else np.zeros(len(examples), np.int64)
+    records = []
+    for j in range(len(examples)):
+        n = min(passages_in_output, K)
+        records.append({
+            "question": batch.questions[j],
+            "answers": batch.answers[j],
+            "prediction": task.tok.decode(generated[j].tolist()),
+            "first_hit_rank": int(ranks[j]),
+            "passages": [{"id": int(pid), "title": t, "text": x, "probability": round(float(p), 5)}
+                         for pid, (t, x), p in zip(ids[j, :n].tolist(), reader_passages[j][:n],
+                                                   probs[j, :n].tolist())],
+        })
+    return records
+
+
+@torch.no_grad()
 def evaluate_open_qa(task, models, examples: Sequence, iteration: int = 0,
                      predictions_file: Optional[str] = None, passages_in_output: int = 5) -> dict:
     """EM and top-k retrieval accuracy of the task's retriever + reader on ``examples``."""
-    biencoder, reader = models["biencoder"], models["reader"]
-    qa = task.qa
     rank, world, group = _dp()
     mine = list(range(rank, len(examples), world))
-    bs = qa.eval_batch_size
+    bs = task.qa.eval_batch_size
     steps = math.ceil(math.ceil(len(examples) / world) / bs) if examples else 0
-    k_search = max(qa.top_k, max(RETRIEVAL_KS))
+    k_search = max(task.qa.top_k, max(RETRIEVAL_KS))
     records = []
-    bar = _progress(len(mine), rank == 0 and dist.get_rank() == 0 if dist.is_initialized() else True, "evaluate")
+    first = not dist.is_initialized() or dist.get_rank() == 0
+    bar = _progress(len(mine), first, "evaluate")
     for s in range(steps):
         idx = mine[s * bs:(s + 1) * bs]
-        batch_examples = [examples[i] for i in idx]
-        if not batch_examples:  # keep the collective search in step with the other ranks
-            task.index_manager.index.search(torch.zeros(0, biencoder.query_tower.hidden_size), k_search)
+        if not idx:  # keep the collective index search in step with the other ranks
+            hidden = models["biencoder"].query_tower.hidden_size
+            task.index_manager.index.search(torch.zeros(0, hidden), k_search)
             continue
-        batch = task._qa_batch(batch_examples, [e.answers[0] if e.answers else "" for e in batch_examples])
-        _, ids, _ = task.retrieve(biencoder, batch, k_search)
-        passages = task.passages(ids)
-        ranks = first_hit_ranks(batch.answers, passages)
-        K = qa.top_k
-        reader_passages = [ps[:K] for ps in passages]
-        r_ids, r_mask = task.reader_inputs(batch.questions, reader_passages)
-        generated = reader.generate(r_ids, r_mask, max_length=qa.answer_max_len, num_beams=qa.num_beams,
-                                    bos_id=task.tok.bos_id, eos_id=task.tok.eos_id, pad_id=task.tok.pad_id)
-        # Retrieval probabilities p(z|q) over the reader's K passages, from the current towers.
-        q_emb = biencoder.embed_queries(batch.query_ids, batch.query_mask)
-        c_ids, c_mask = encode_context(task.rtok, [p for ps in reader_passages for p in ps],
-                                       qa.context_max_len, pad_to="longest")
-        c_emb = biencoder.embed_contexts(c_ids, c_mask).view(len(idx), K, -1)
-        probs = torch.softmax(biencoder.score(q_emb, c_emb), dim=-1)
-        for j, i in enumerate(idx):
-            pred = task.tok.decode(generated[j].tolist())
-            records.append({
-                "index": i,
-                "question": batch.questions[j],
-                "answers": batch.answers[j],
-                "prediction": pred,
-                "em": bool(exact_match(pred, batch.answers[j])),
-                "first_hit_rank": int(ranks[j]),
-                "passages": [{"id": int(pid), "title": t, "probability": round(float(p), 5)}
-                             for pid, (t, _), p in zip(ids[j, :passages_in_output].tolist(),
-                                                       reader_passages[j][:passages_in_output],
-                                                       probs[j, :passages_in_output].tolist())],
-            })
+        for i, rec in zip(idx, predict_batch(task, models, [examples[i] for i in idx], k_search,
+                                             passages_in_output)):
+            rec["index"] = i
+            rec["em"] = bool(exact_match(rec["prediction"], rec["answers"]))
+            records.append(rec)
         bar.update(len(idx))
     bar.close()
 
@@ -97,7 +111,7 @@ def evaluate_open_qa(task, models, examples: Sequence, iteration: int = 0,
     ranks = np.array([r["first_hit_rank"] for r in records])
     metrics = {"em": float(np.mean([r["em"] for r in records])) if records else 0.0,
                **top_k_accuracy(ranks, RETRIEVAL_KS), "questions": len(records)}
-    if predictions_file and (not dist.is_initialized() or dist.get_rank() == 0):
+    if predictions_file and first:
         write_predictions(predictions_file, records, iteration)
     return metrics
 

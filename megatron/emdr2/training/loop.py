@@ -95,6 +95,9 @@ class Trainer:
         task_state = optional(self.task, "state_dict")
         if task_state:
             state["task"] = task_state()
+        meta = optional(self.task, "checkpoint_meta")  # e.g. model sizes, for tools that load it
+        if meta:
+            state["meta"] = meta()
         return state
 
     def _rank_state(self) -> dict:
