@@ -29,6 +29,7 @@ class ModelSize:
     seq_length: int = 512
     hidden_dropout: float = 0.1
     attention_dropout: float = 0.1
+    layernorm_epsilon: Optional[float] = None  # None: the model family's default
 
     @property
     def ffn_size(self) -> int:

@@ -50,7 +50,12 @@ def read_launch_env(default_port: int = 29500) -> LaunchEnv:
     else:
         rank, world, local = 0, 1, 0
     addr = env.get("MASTER_ADDR") or _first_slurm_host() or "127.0.0.1"
-    port = int(env.get("MASTER_PORT", default_port))
+    if "MASTER_PORT" in env:
+        port = int(env["MASTER_PORT"])
+    elif world == 1:
+        port = free_port()  # a lone process must not collide with other jobs on this machine
+    else:
+        port = default_port
     return LaunchEnv(rank, world, local, addr, port)
 
 

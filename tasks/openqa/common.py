@@ -86,8 +86,10 @@ def check_openqa_args(args, cfg: TrainingConfig, prog: str) -> None:
 def qa_config(args):
     from megatron.emdr2.openqa.emdr2_task import OpenQAConfig
 
+    sizes = getattr(args, "sizes_from_checkpoint", None) or {
+        role: model_size_from_args(args, role) for role in ("retriever", "reader")}
     return OpenQAConfig(
-        retriever=model_size_from_args(args, "retriever"), reader=model_size_from_args(args, "reader"),
+        retriever=sizes["retriever"], reader=sizes["reader"],
         top_k=args.top_k,
         objective=ObjectiveConfig(args.retriever_objective, args.marginalisation, args.pdist_temperature,
                                   args.retriever_weight),
@@ -209,6 +211,8 @@ def load_for_inference(args):
         for role in ("retriever", "reader"):
             for key, value in meta[role].items():
                 setattr(args, f"{role}_{key}", value)
+        # Exact sizes (layer-norm epsilon included) for qa_config.
+        args.sizes_from_checkpoint = {role: ModelSize(**meta[role]) for role in ("retriever", "reader")}
         args.shared_towers = meta.get("shared_towers", args.shared_towers)
     args.retriever_load = args.reader_load = args.load
     cfg = TrainingConfig(seed=args.seed, precision=PrecisionConfig(args.precision))

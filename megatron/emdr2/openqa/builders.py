@@ -28,9 +28,10 @@ def build_tower(size: ModelSize, vocab_size: int, precision: str = "fp32", tenso
     from megatron.emdr2.models.bert_tower import BertTower
     from megatron.emdr2.models.config import bert_config
 
+    eps = {} if size.layernorm_epsilon is None else {"layernorm_epsilon": size.layernorm_epsilon}
     config = bert_config(size.num_layers, size.hidden_size, size.num_attention_heads, size.ffn_hidden_size,
                          size.hidden_dropout, size.attention_dropout, precision, tensor_parallel,
-                         post_layernorm=post_layernorm)
+                         post_layernorm=post_layernorm, **eps)
     return BertTower(config, vocab_size, size.seq_length, num_tokentypes=num_tokentypes)
 
 
@@ -54,7 +55,8 @@ def build_reader(size: ModelSize, vocab_size: int, real_vocab_size: int, precisi
     def cfg(layers):
         return t5_config(layers, size.hidden_size, size.num_attention_heads, size.ffn_hidden_size,
                          hidden_dropout=size.hidden_dropout, attention_dropout=size.attention_dropout,
-                         precision=precision, tensor_parallel=tensor_parallel)
+                         precision=precision, tensor_parallel=tensor_parallel,
+                         layernorm_epsilon=size.layernorm_epsilon)
 
     decoder = cfg(decoder_layers or size.num_layers)
     return FiDReader(decoder, vocab_size, size.seq_length, encoder_config=cfg(size.num_layers),

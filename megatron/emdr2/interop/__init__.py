@@ -1,0 +1,1 @@
+"""Interoperability with other code bases' files (the original EMDR² release: ``original``)."""
