@@ -20,7 +20,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer
 from megatron.core.utils import make_viewless_tensor
 
-from megatron.emdr2.models.relative_attention import RelativeBiasAttention
+from megatron.emdr2.models.fast_attention import SdpaAttention
 
 
 class ResidualOrderLayer(TransformerLayer):
@@ -60,23 +60,27 @@ class ResidualOrderLayer(TransformerLayer):
 
 
 def bert_layer_spec() -> ModuleSpec:
-    """megatron-core's local BERT layer, with the residual-ordering option."""
+    """megatron-core's local BERT layer, with the residual-ordering option and fused attention."""
     spec = copy.deepcopy(bert_layer_local_spec)
     spec.module = ResidualOrderLayer
+    spec.submodules.self_attention.submodules.core_attention = SdpaAttention
     return spec
 
 
-def _with_relative_bias(spec: ModuleSpec) -> ModuleSpec:
+def _with_fast_attention(spec: ModuleSpec) -> ModuleSpec:
+    """SdpaAttention (fused when dropout is off; adds T5's relative bias when given) everywhere."""
     spec = copy.deepcopy(spec)
-    spec.submodules.self_attention.submodules.core_attention = RelativeBiasAttention
+    spec.submodules.self_attention.submodules.core_attention = SdpaAttention
+    cross = getattr(spec.submodules, "cross_attention", None)
+    if cross is not None and hasattr(cross, "submodules"):
+        cross.submodules.core_attention = SdpaAttention
     return spec
 
 
 def t5_encoder_layer_spec(relative_bias: bool = False) -> ModuleSpec:
-    spec = encoder_model_with_local_spec()
-    return _with_relative_bias(spec) if relative_bias else spec
+    # The relative bias, when the model has one, reaches the attention as `attention_bias`.
+    return _with_fast_attention(encoder_model_with_local_spec())
 
 
 def t5_decoder_layer_spec(relative_bias: bool = False) -> ModuleSpec:
-    spec = decoder_model_with_local_spec()
-    return _with_relative_bias(spec) if relative_bias else spec
+    return _with_fast_attention(decoder_model_with_local_spec())

@@ -1,0 +1,52 @@
+"""Attention through torch's fused ``scaled_dot_product_attention`` where it computes the same thing.
+
+megatron-core's local ``DotProductAttention`` runs scores, mask fill, softmax and the value
+product as separate kernels (its fused versions need TransformerEngine or compiled CUDA
+extensions). When attention dropout is inactive (evaluation, evidence embedding, decoding, or
+dropout 0) the result is a plain masked softmax attention, which torch's SDPA computes in one
+fused call, on CPU and GPU alike. Masked keys get a -10000 additive bias, as megatron's
+masked softmax does, so a row with every key masked (an all-padding passage) still yields a
+uniform average instead of NaN. Anything else (dropout in training, packed sequences, CPU
+half precision, where SDPA's accumulation differs) takes the parent's exact path.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from megatron.emdr2.models.relative_attention import RelativeBiasAttention
+
+_MASKED = -10000.0  # megatron's masked-softmax fill value
+
+
+class SdpaAttention(RelativeBiasAttention):
+    def _fast_path_ok(self, query: Tensor, packed_seq_params) -> bool:
+        dropout_active = self.training and self.attention_dropout.p > 0
+        precise = query.dtype == torch.float32 or query.is_cuda
+        return not dropout_active and packed_seq_params is None and precise
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
+                attn_mask_type=None, attention_bias: Optional[Tensor] = None, packed_seq_params=None):
+        """query [sq, b, np, hn], key/value [sk, b, ng, hn]; attention_mask True = masked,
+        broadcastable to [b, np, sq, sk]. Returns the context [sq, b, np * hn]."""
+        if not self._fast_path_ok(query, packed_seq_params):
+            return super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias,
+                                   packed_seq_params)
+        groups = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
+        if groups > 1:
+            key = key.repeat_interleave(groups, dim=2)
+            value = value.repeat_interleave(groups, dim=2)
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, np, s, hn]
+        bias = None
+        if attention_mask is not None:
+            bias = torch.zeros(attention_mask.shape, dtype=q.dtype, device=q.device)
+            bias.masked_fill_(attention_mask, _MASKED)
+        if attention_bias is not None:
+            bias = attention_bias.to(q.dtype) if bias is None else bias + attention_bias.to(q.dtype)
+        context = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.softmax_scale)
+        sq, b = context.size(2), context.size(0)
+        return context.permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size_per_partition)
