@@ -1,0 +1,141 @@
+"""Distributed evidence embedding: every rank embeds its slice and writes its shard.
+
+Protocol (crash-safe): rank 0 unpublishes the target version (removes its manifest) before
+anyone writes; each rank streams its embeddings into a temporary memory-mapped shard and
+renames it when complete; only after every rank has finished does rank 0 write the manifest
+(and then ``LATEST``). Killing the job at any point leaves either the previous state or a
+directory without a manifest, which loaders reject.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron.emdr2.index import shard_store
+from megatron.emdr2.index.sharded_index import _world, row_range
+
+logger = logging.getLogger(__name__)
+
+Encoder = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (ids, mask) -> [B, H]
+Tokenize = Callable[[Sequence[int]], tuple[torch.Tensor, torch.Tensor]]  # evidence rows -> (ids, mask)
+
+
+def _collective_check(error: str | None, group) -> None:
+    """Raise on every rank if rank 0 found a problem (instead of leaving the others in a barrier)."""
+    box = [error]
+    if _world(group)[1] > 1:
+        dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0) if group else 0, group=group)
+    if box[0]:
+        raise shard_store.IndexStoreError(box[0])
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None or dtype == torch.float32:
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=dtype)
+
+
+@torch.inference_mode()
+def embed_evidence(encoder: Encoder, tokenize: Tokenize, evidence_ids: np.ndarray,
+                   out_dir: str | os.PathLike, *, batch_size: int = 128, model_step: int = 0,
+                   group=None, device: torch.device | str | None = None,
+                   compute_dtype: torch.dtype | None = None, progress: bool = True,
+                   overwrite: bool = False, extra: dict | None = None,
+                   log_interval_s: float = 30.0) -> shard_store.Manifest:
+    """Embed all evidence rows over the ranks of ``group`` and publish an index in ``out_dir``.
+
+    ``encoder`` maps a token batch to [B, H] embeddings (e.g. a context tower);
+    ``tokenize`` maps evidence row numbers to that batch (``evidence_ids[row]`` is the row's id).
+    ``compute_dtype``: autocast dtype (default: fp16 on GPU, fp32 on CPU). Collective.
+    """
+    rank, world = _world(group)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if compute_dtype is None:
+        compute_dtype = torch.float16 if device.type == "cuda" else torch.float32
+    evidence_ids = np.asarray(evidence_ids, dtype=np.int64)
+    out_dir = os.fspath(out_dir)
+
+    error = None
+    if rank == 0:
+        try:
+            shard_store.begin_version(out_dir, overwrite)
+        except (shard_store.IndexStoreError, OSError) as e:
+            error = str(e)
+    _collective_check(error, group)
+
+    if hasattr(encoder, "eval"):
+        encoder.eval()
+    start, end = row_range(len(evidence_ids), rank, world)
+    writer, t0, last_log, done = None, time.perf_counter(), time.perf_counter(), 0
+    bar = _progress_bar(end - start, enabled=progress and rank == 0)
+    for a in range(start, end, batch_size):
+        b = min(end, a + batch_size)
+        ids, mask = tokenize(range(a, b))
+        with _autocast(device, compute_dtype):
+            emb = encoder(ids.to(device), mask.to(device))
+        emb16 = emb.detach().to(torch.float16)
+        if not bool(torch.isfinite(emb16).all()):
+            raise FloatingPointError(f"{out_dir}: non-finite (or fp16-overflowing) embeddings "
+                                     f"for evidence rows [{a}, {b})")
+        if writer is None:
+            writer = shard_store.ShardWriter(out_dir, rank, world, end - start, emb16.shape[1], start)
+        writer.write(a - start, emb16.cpu(), evidence_ids[a:b])
+        done += b - a
+        bar.update(b - a)
+        now = time.perf_counter()
+        if now - last_log >= log_interval_s:
+            logger.info("rank %d: embedded %d/%d passages, %.1f passages/s",
+                        rank, done, end - start, done / (now - t0))
+            last_log = now
+    bar.close()
+
+    dim = writer.dim if writer is not None else 0
+    if world > 1:  # a rank with no rows still needs the dim for its (empty) shard
+        on = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
+        d = torch.tensor([dim], dtype=torch.long, device=on)
+        dist.all_reduce(d, op=dist.ReduceOp.MAX, group=group)
+        dim = int(d)
+    if writer is None:
+        writer = shard_store.ShardWriter(out_dir, rank, world, 0, dim, start)
+    info = writer.close()
+    elapsed = time.perf_counter() - t0
+    logger.info("rank %d: embedded %d passages in %.1fs (%.1f passages/s)",
+                rank, done, elapsed, done / max(elapsed, 1e-9))
+
+    infos = [info]
+    if world > 1:
+        infos = [None] * world
+        dist.all_gather_object(infos, info, group=group)
+    error = None
+    if rank == 0:
+        try:
+            shard_store.publish(out_dir, infos, dim, model_step, extra)
+        except (shard_store.IndexStoreError, OSError) as e:
+            error = str(e)
+    _collective_check(error, group)
+    return shard_store.read_manifest(out_dir)
+
+
+def _progress_bar(total: int, enabled: bool):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        enabled = False
+    if not enabled:
+        return _NoBar()
+    return tqdm(total=total, unit="psg", desc="embedding evidence", smoothing=0.05)
+
+
+class _NoBar:
+    def update(self, n):
+        pass
+
+    def close(self):
+        pass

@@ -1,0 +1,104 @@
+"""Exact maximum-inner-product top-k over one shard, in tiles, with fp32 scores.
+
+The shard stays in fp16 (half the memory of fp32). CPUs have no fast fp16 GEMM with fp32
+accumulation, so each tile of rows is widened into a preallocated fp32 buffer (a cheap
+streaming copy) and scored with sgemm; a running top-k per query is merged after each tile.
+Peak extra memory is one fp32 tile plus one [Q, tile] score block (54 MB at d=768, Q=64),
+never [Q, N]. Measured on the 2-core Xeon here (64 x 1M x 768, quiet machine): ~0.6 s per
+batch vs ~7 s for faiss.IndexFlatIP on fp32 (bench/bench_index.py). 16k-row tiles were
+fastest: the per-tile topk costs less with larger tiles, the copy and GEMM slow down once
+the tile leaves the cache; and few large ops hold up best when the cores are shared.
+"""
+
+from __future__ import annotations
+
+import torch
+
+DEFAULT_TILE_ROWS = {"cpu": 16384, "cuda": 131072}
+
+
+def merge_topk(scores: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k along dim 1 of candidate (scores, ids) [Q, M]; sorted by descending score."""
+    k = min(k, scores.shape[1])
+    top, pos = torch.topk(scores, k, dim=1)
+    return top, ids.gather(1, pos)
+
+
+class TiledSearcher:
+    """Running top-k search over a fixed [N, d] matrix (fp16, bf16 or fp32; CPU or GPU).
+
+    Buffers are allocated once and reused, so repeated searches (one per training step)
+    do not allocate inside the loop.
+    """
+
+    def __init__(self, vectors: torch.Tensor, tile_rows: int | None = None, prune: bool | None = None):
+        if vectors.dim() != 2:
+            raise ValueError(f"expected a [rows, dim] matrix, got shape {tuple(vectors.shape)}")
+        self.vectors = vectors
+        self.device = vectors.device
+        self.tile_rows = max(1, tile_rows or DEFAULT_TILE_ROWS.get(self.device.type, 16384))
+        # prune: merge only the columns that beat a query's current k-th score instead of a
+        # top-k per tile (one host sync per tile; measured no faster here, so off by default)
+        self.prune = bool(prune)
+        self._tile = None  # fp32 copy of one tile (unused when the shard is already fp32)
+        self._scores = None  # flat fp32 storage for a [Q, tile] score block
+
+    @property
+    def num_rows(self) -> int:
+        return self.vectors.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.vectors.shape[1]
+
+    def _buffers(self, num_queries: int) -> None:
+        tile = min(self.tile_rows, max(self.num_rows, 1))
+        if self.vectors.dtype != torch.float32 and self._tile is None:
+            self._tile = torch.empty(tile, self.dim, dtype=torch.float32, device=self.device)
+        need = num_queries * tile
+        if self._scores is None or self._scores.numel() < need:
+            self._scores = torch.empty(need, dtype=torch.float32, device=self.device)
+
+    @torch.no_grad()
+    def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (scores fp32 [Q, min(k, N)], row numbers int64 [Q, min(k, N)]), best first."""
+        q = queries.to(self.device, torch.float32).contiguous()
+        if q.dim() != 2 or q.shape[1] != self.dim:
+            raise ValueError(f"queries of shape {tuple(q.shape)} do not match the index dim {self.dim}")
+        num_q, n_total = q.shape[0], self.num_rows
+        k_out = min(k, n_total)
+        if k_out == 0 or num_q == 0:
+            return (torch.empty(num_q, k_out, device=self.device),
+                    torch.empty(num_q, k_out, dtype=torch.long, device=self.device))
+        self._buffers(num_q)
+        best_s = torch.full((num_q, k_out), float("-inf"), device=self.device)
+        best_r = torch.full((num_q, k_out), -1, dtype=torch.long, device=self.device)
+        for start in range(0, n_total, self.tile_rows):
+            n = min(self.tile_rows, n_total - start)
+            rows = self.vectors[start:start + n]
+            if self._tile is not None:
+                tile = self._tile[:n]
+                tile.copy_(rows)  # fp16 -> fp32 into the reused buffer
+            else:
+                tile = rows
+            scores = self._scores[:num_q * n].view(num_q, n)
+            torch.mm(q, tile.t(), out=scores)
+            if self.prune:
+                # only columns that beat some query's current k-th score can change a top-k;
+                # after the first tiles that is a handful, so the merge costs almost nothing
+                cols = (scores > best_s[:, -1:]).any(0).nonzero().squeeze(1)
+                if cols.numel() == 0:
+                    continue
+                tile_s, tile_r = scores.index_select(1, cols), (cols + start).expand(num_q, -1)
+            else:
+                kk = min(k_out, n)
+                tile_s, tile_r = torch.topk(scores, kk, dim=1, sorted=False)
+                tile_r = tile_r + start
+            best_s, best_r = merge_topk(torch.cat([best_s, tile_s], 1), torch.cat([best_r, tile_r], 1), k_out)
+        return best_s, best_r
+
+
+def exact_search(queries: torch.Tensor, vectors: torch.Tensor, k: int, tile_rows: int | None = None,
+                 prune: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One-off tiled search (builds a TiledSearcher): (scores fp32, row numbers int64)."""
+    return TiledSearcher(vectors, tile_rows, prune).search(queries, k)

@@ -1,0 +1,311 @@
+"""On-disk format of the evidence index: fp16 shards, int64 ids, a manifest written last.
+
+One index version is a directory::
+
+    <root>/step-00000500/
+        shard-00000-of-00004.emb      raw float16, row-major [rows, dim]
+        shard-00000-of-00004.ids      raw int64 [rows] (evidence ids, in row order)
+        shard-00000-of-00004.json     that shard's sizes and checksums (for the publisher)
+        manifest.json                 dim, dtype, model step, every shard's rows and sha256
+    <root>/LATEST                     name of the newest published version
+
+Every file is written under a temporary name and renamed when complete; the manifest is
+written only after all shards are final, and ``LATEST`` only after the manifest, so a reader
+never sees a manifest that points at a half-written shard (a killed job leaves ``*.partial``
+files and no manifest). Raw files rather than ``.npy`` so the expected byte count follows
+from the manifest alone, which makes truncation checks exact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+LATEST = "LATEST"
+PARTIAL = ".partial"
+_HASH_CHUNK = 16 << 20
+
+
+class IndexStoreError(RuntimeError):
+    """An index on disk is missing, incomplete or corrupt (the message names the file)."""
+
+
+def version_name(model_step: int) -> str:
+    return f"step-{int(model_step):08d}"
+
+
+def shard_stem(shard: int, num_shards: int) -> str:
+    return f"shard-{shard:05d}-of-{num_shards:05d}"
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Streaming sha256 (hashlib uses the CPU's SHA extensions: ~1-2 GB/s)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see either the old file or the whole new one."""
+    path = Path(path)
+    tmp = path.with_name(path.name + f".{os.getpid()}{PARTIAL}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class ShardInfo:
+    """One shard as recorded in the manifest (paths relative to the version directory)."""
+
+    shard: int
+    rows: int
+    row_offset: int
+    emb_file: str
+    ids_file: str
+    emb_sha256: str
+    ids_sha256: str
+
+
+@dataclass
+class Manifest:
+    dim: int
+    num_rows: int
+    shards: list[ShardInfo]
+    model_step: int = 0
+    dtype: str = "float16"
+    format_version: int = FORMAT_VERSION
+    created: float = field(default_factory=time.time)
+    extra: dict = field(default_factory=dict)
+    directory: Path | None = None  # where it was read from (not serialised)
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d.pop("directory")
+        return json.dumps(d, indent=1)
+
+    @classmethod
+    def from_file(cls, path: Path) -> "Manifest":
+        try:
+            d = json.loads(path.read_text())
+            shards = [ShardInfo(**s) for s in d.pop("shards")]
+            m = cls(shards=shards, **d)
+        except (ValueError, TypeError, KeyError) as e:
+            raise IndexStoreError(f"{path}: not a valid index manifest ({e})") from e
+        if m.format_version != FORMAT_VERSION:
+            raise IndexStoreError(f"{path}: index format {m.format_version}, this code reads {FORMAT_VERSION}")
+        if sum(s.rows for s in m.shards) != m.num_rows:
+            raise IndexStoreError(f"{path}: shard rows do not add up to num_rows={m.num_rows}")
+        m.directory = path.parent
+        return m
+
+
+class ShardWriter:
+    """Writes one shard through memory-mapped temporary files; ``close()`` makes it final.
+
+    Rows may arrive in any order (``write(start, ...)``), which lets the embedding loop write
+    each batch in place without holding the shard in memory.
+    """
+
+    def __init__(self, directory: str | os.PathLike, shard: int, num_shards: int,
+                 rows: int, dim: int, row_offset: int = 0):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.shard, self.num_shards, self.rows, self.dim = shard, num_shards, rows, dim
+        self.row_offset = row_offset
+        stem = shard_stem(shard, num_shards)
+        self.emb_path = self.directory / f"{stem}.emb"
+        self.ids_path = self.directory / f"{stem}.ids"
+        self.meta_path = self.directory / f"{stem}.json"
+        self._emb_tmp = self.emb_path.with_name(self.emb_path.name + PARTIAL)
+        self._ids_tmp = self.ids_path.with_name(self.ids_path.name + PARTIAL)
+        for p in (self.emb_path, self.ids_path, self.meta_path):
+            p.unlink(missing_ok=True)  # a stale final file must not survive a rebuild
+        self.emb = _create_map(self._emb_tmp, np.float16, (rows, dim))
+        self.ids = _create_map(self._ids_tmp, np.int64, (rows,))
+        self._written = 0
+
+    def write(self, start: int, embeddings, ids) -> None:
+        """Store rows ``[start, start + len(embeddings))`` of this shard."""
+        emb = _as_numpy(embeddings)
+        n = emb.shape[0]
+        if emb.shape[1:] != (self.dim,) or start < 0 or start + n > self.rows:
+            raise ValueError(f"{self._emb_tmp}: rows [{start}, {start + n}) x {emb.shape[1:]} "
+                             f"do not fit a shard of {self.rows} x {self.dim}")
+        self.emb[start:start + n] = emb  # casts to float16 here
+        self.ids[start:start + n] = _as_numpy(ids)
+        self._written += n
+
+    def close(self) -> ShardInfo:
+        if self._written < self.rows:
+            raise RuntimeError(f"{self._emb_tmp}: only {self._written} of {self.rows} rows written")
+        for arr in (self.emb, self.ids):
+            if isinstance(arr, np.memmap):
+                arr.flush()
+        self.emb = self.ids = None  # drop the maps before renaming
+        for tmp in (self._emb_tmp, self._ids_tmp):
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        info = ShardInfo(
+            shard=self.shard, rows=self.rows, row_offset=self.row_offset,
+            emb_file=self.emb_path.name, ids_file=self.ids_path.name,
+            emb_sha256=sha256_file(self._emb_tmp), ids_sha256=sha256_file(self._ids_tmp))
+        os.replace(self._emb_tmp, self.emb_path)
+        os.replace(self._ids_tmp, self.ids_path)
+        atomic_write_text(self.meta_path, json.dumps(asdict(info)))
+        return info
+
+
+def _as_numpy(x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu()
+        if x.dtype == torch.bfloat16:  # numpy has no bfloat16
+            x = x.float()
+        return x.numpy()
+    return np.asarray(x)
+
+
+def _create_map(path: Path, dtype, shape) -> np.ndarray:
+    if int(np.prod(shape)) == 0:  # mmap cannot map an empty file
+        path.write_bytes(b"")
+        return np.zeros(shape, dtype)
+    return np.memmap(path, dtype=dtype, mode="w+", shape=shape)
+
+
+def begin_version(directory: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Prepare a version directory for writing; unpublishes an existing version if allowed."""
+    directory = Path(directory)
+    manifest = directory / MANIFEST
+    if manifest.exists():
+        if not overwrite:
+            raise IndexStoreError(f"{manifest}: an index is already published here (pass overwrite)")
+        manifest.unlink()  # unpublish first: shards are about to change under it
+        _fsync_dir(directory)
+    if overwrite and directory.exists():  # old shards (maybe of another world size) would linger
+        for stale in directory.glob("shard-*"):
+            stale.unlink(missing_ok=True)
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory
+
+
+def read_shard_infos(directory: str | os.PathLike, num_shards: int) -> list[ShardInfo]:
+    """The per-shard records left by ``ShardWriter.close`` (used by the publisher)."""
+    infos = []
+    for s in range(num_shards):
+        path = Path(directory) / f"{shard_stem(s, num_shards)}.json"
+        if not path.exists():
+            raise IndexStoreError(f"{path}: shard {s} was never completed")
+        infos.append(ShardInfo(**json.loads(path.read_text())))
+    return infos
+
+
+def publish(directory: str | os.PathLike, shards: list[ShardInfo], dim: int, model_step: int = 0,
+            extra: dict | None = None, update_latest: bool = True) -> Manifest:
+    """Write the manifest (atomically, last) after checking every shard file is complete."""
+    directory = Path(directory)
+    shards = sorted(shards, key=lambda s: s.shard)
+    offset = 0
+    for s in shards:
+        s.row_offset = offset
+        offset += s.rows
+        for name, itemsize in ((s.emb_file, 2 * dim), (s.ids_file, 8)):
+            _check_size(directory / name, s.rows * itemsize)
+    m = Manifest(dim=dim, num_rows=offset, shards=shards, model_step=model_step, extra=extra or {})
+    atomic_write_text(directory / MANIFEST, m.to_json())
+    if update_latest:
+        atomic_write_text(directory.parent / LATEST, directory.name + "\n")
+    m.directory = directory
+    return m
+
+
+def resolve(path: str | os.PathLike) -> Path:
+    """A version directory, or a root whose ``LATEST`` names one, or a manifest file."""
+    path = Path(path)
+    if path.is_file() and path.name == MANIFEST:
+        return path.parent
+    if (path / MANIFEST).exists():
+        return path
+    if (path / LATEST).exists():
+        target = path / (path / LATEST).read_text().strip()
+        if not (target / MANIFEST).exists():
+            raise IndexStoreError(f"{target / MANIFEST}: LATEST points at a version without a manifest")
+        return target
+    if not path.exists():
+        raise IndexStoreError(f"{path}: no such index directory")
+    partial = sorted(p.name for p in path.glob(f"*{PARTIAL}"))
+    hint = f" (unfinished files: {', '.join(partial[:3])}: the build was interrupted)" if partial else ""
+    raise IndexStoreError(f"{path / MANIFEST}: missing, the index is not published{hint}")
+
+
+def read_manifest(path: str | os.PathLike) -> Manifest:
+    return Manifest.from_file(resolve(path) / MANIFEST)
+
+
+def _check_size(path: Path, expected: int) -> None:
+    if not path.exists():
+        raise IndexStoreError(f"{path}: shard file missing")
+    actual = path.stat().st_size
+    if actual != expected:
+        raise IndexStoreError(f"{path}: {actual} bytes, manifest expects {expected} (truncated or wrong file)")
+
+
+def open_shard(manifest: Manifest, shard: int, verify: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Memory-map one shard: (float16 [rows, dim], int64 [rows]); checks sizes and, if ``verify``, sha256."""
+    s = manifest.shards[shard]
+    d = manifest.directory
+    emb_path, ids_path = d / s.emb_file, d / s.ids_file
+    _check_size(emb_path, s.rows * manifest.dim * 2)
+    _check_size(ids_path, s.rows * 8)
+    if verify:
+        for path, want in ((emb_path, s.emb_sha256), (ids_path, s.ids_sha256)):
+            got = sha256_file(path)
+            if got != want:
+                raise IndexStoreError(f"{path}: sha256 {got[:12]}… differs from the manifest's {want[:12]}… (corrupt shard)")
+    if s.rows == 0:
+        return np.zeros((0, manifest.dim), np.float16), np.zeros((0,), np.int64)
+    # mode "c" (copy-on-write) so torch.from_numpy gets a writable array without touching the file
+    emb = np.memmap(emb_path, dtype=np.float16, mode="c", shape=(s.rows, manifest.dim))
+    ids = np.memmap(ids_path, dtype=np.int64, mode="c", shape=(s.rows,))
+    return emb, ids
+
+
+def write_index(directory: str | os.PathLike, embeddings, ids, num_shards: int = 1,
+                model_step: int = 0, extra: dict | None = None, overwrite: bool = False) -> Manifest:
+    """Single-process convenience: split in-memory embeddings into shards and publish them."""
+    directory = begin_version(directory, overwrite)
+    emb, ids = _as_numpy(embeddings), _as_numpy(ids)
+    bounds = np.linspace(0, len(emb), num_shards + 1).astype(np.int64)
+    infos = []
+    for s in range(num_shards):
+        a, b = int(bounds[s]), int(bounds[s + 1])
+        w = ShardWriter(directory, s, num_shards, b - a, emb.shape[1], row_offset=a)
+        w.write(0, emb[a:b], ids[a:b])
+        infos.append(w.close())
+    return publish(directory, infos, emb.shape[1], model_step, extra)
