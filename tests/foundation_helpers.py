@@ -14,8 +14,12 @@ TINY_FLAGS = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads
               "--lr-warmup-iters", "2"]
 
 
+_DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
 def env() -> dict:
-    e = dict(os.environ)
+    # A child is a fresh job: no rank/port inherited from an in-process test group.
+    e = {k: v for k, v in os.environ.items() if k not in _DIST_VARS}
     e.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + e.get("PYTHONPATH", ""),
              PYTHONWARNINGS="ignore")
     return e

@@ -30,8 +30,12 @@ def small_evidence(tmp_path: Path, rows: int = 300) -> Path:
     return out
 
 
+_DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
 def env(threads: int = 1) -> dict:
-    e = dict(os.environ)
+    # A child is a fresh job: no rank/port inherited from an in-process test group.
+    e = {k: v for k, v in os.environ.items() if k not in _DIST_VARS}
     e.update(OMP_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT) + os.pathsep + e.get("PYTHONPATH", ""),
              PYTHONWARNINGS="ignore")
     return e

@@ -32,11 +32,9 @@ ORIG_T5_ROWS = 30720  # 30522 + [BOS], [EOS] + 100 sentinels, padded likewise
 def megatron_single_rank():
     from megatron.core import parallel_state
 
-    from megatron.emdr2.initialize import free_port, initialize
+    from megatron.emdr2.initialize import initialize
 
     if not parallel_state.model_parallel_is_initialized():
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(free_port()))
         initialize(1, 1, seed=1234)
     yield
 

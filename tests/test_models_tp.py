@@ -21,11 +21,9 @@ B, K, S, T, VOCAB = 2, 3, 6, 4, 96
 def megatron_single_rank():
     from megatron.core import parallel_state
 
-    from megatron.emdr2.initialize import free_port, initialize
+    from megatron.emdr2.initialize import initialize
 
     if not parallel_state.model_parallel_is_initialized():
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(free_port()))
         initialize(1, 1, seed=1234)
     yield
 
