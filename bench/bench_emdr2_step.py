@@ -76,7 +76,8 @@ def step(biencoder, reader, x, naive: bool):
     if naive:
         token_lp = naive_per_passage(reader, *x["r"], x["dec"], x["labels"], x["label_mask"])
     else:
-        _, token_lp = reader.per_passage_log_likelihood(states, mask, K, x["dec"], x["labels"], x["label_mask"])
+        _, token_lp = reader.per_passage_log_likelihood(states, mask, K, x["dec"], x["labels"], x["label_mask"],
+                                                        max_sequences=B)  # as the EMDR² task runs it
     out = joint_loss(ObjectiveConfig(), scores, token_lp, x["label_mask"].float(), nll)
     out.loss.backward()
     return out.loss.item()

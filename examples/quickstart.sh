@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole EMDR² pipeline on the bundled nq-mini data, with small models, on a CPU (~25 minutes on
+# The whole EMDR² pipeline on the bundled nq-mini data, with small models, on a CPU (~15 minutes on
 # 2 cores, no GPU, no network):
 #   1. ICT pre-training of the retriever on the nq-mini evidence
 #   2. named-entity annotation of the evidence (spaCy, offline) for masked salient spans
@@ -25,7 +25,7 @@ START=$(date +%s)
 mkdir -p "$RUN"
 
 scale() { if [[ -n "${QUICK:-}" ]]; then echo $(( ($1 + 4) / 5 )); else echo "$1"; fi; }
-ICT_STEPS=$(scale 300); MSS_STEPS=$(scale 200); EMDR2_STEPS=$(scale 300); REFRESH=$(scale 100)
+ICT_STEPS=$(scale 1200); MSS_STEPS=$(scale 400); EMDR2_STEPS=$(scale 900); REFRESH=$(scale 150)
 
 stage() { echo; echo "=== [$(( $(date +%s) - START ))s] $*"; }
 

@@ -30,6 +30,7 @@ def _logs(tmp_path):
     return "\n".join(f"--- {p.name}\n{p.read_text()[-1500:]}" for p in sorted(tmp_path.glob("rank*.log")))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kill_indexer", [False, True], ids=["refresh", "indexer-killed"])
 def test_async_refresh_with_indexer_ranks(tmp_path, kill_indexer):
     from megatron.emdr2.initialize import free_port

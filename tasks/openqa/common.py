@@ -75,6 +75,12 @@ def openqa_paths(args) -> list[tuple[str, str]]:
 def check_openqa_args(args, cfg: TrainingConfig, prog: str) -> None:
     if args.top_k < 1:
         fail("--top-k must be >= 1", prog)
+    for flag, length, limit_flag, limit in (
+            ("--reader-max-len", args.reader_max_len, "--reader-seq-length", args.reader_seq_length),
+            ("--context-max-len", args.context_max_len, "--retriever-seq-length", args.retriever_seq_length),
+            ("--query-max-len", args.query_max_len, "--retriever-seq-length", args.retriever_seq_length)):
+        if length > limit:
+            fail(f"{flag} {length} exceeds {limit_flag} {limit} (the model's position embeddings)", prog)
     if args.num_indexer_ranks and cfg.parallel.tensor_parallel > 1:
         fail("--num-indexer-ranks with --tensor-model-parallel-size > 1 is not supported yet "
              "(the indexers embed with an unsharded context tower)", prog)
@@ -214,6 +220,9 @@ def load_for_inference(args):
         # Exact sizes (layer-norm epsilon included) for qa_config.
         args.sizes_from_checkpoint = {role: ModelSize(**meta[role]) for role in ("retriever", "reader")}
         args.shared_towers = meta.get("shared_towers", args.shared_towers)
+        for key in ("query_max_len", "context_max_len", "reader_max_len", "answer_max_len"):
+            if key in meta:  # inputs shaped as in training
+                setattr(args, key, meta[key])
     args.retriever_load = args.reader_load = args.load
     cfg = TrainingConfig(seed=args.seed, precision=PrecisionConfig(args.precision))
     initialize(seed=args.seed)

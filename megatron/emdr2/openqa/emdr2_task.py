@@ -179,8 +179,11 @@ class OpenQATask:
         if self.qa.objective.retriever_objective == "none":
             token_lp = torch.zeros(len(passages), K, batch.labels.size(1))
         else:
+            # B sequences at a time: faster and smaller than K separate reader runs (all B*K at
+            # once is faster still but holds every passage's cross-attention keys/values).
             _, token_lp = reader.per_passage_log_likelihood(states, memory_mask, K, batch.decoder_ids,
-                                                            batch.labels, batch.label_mask)
+                                                            batch.labels, batch.label_mask,
+                                                            max_sequences=len(passages))
         out = joint_loss(self.qa.objective, scores, token_lp, batch.label_mask.float(), reader_nll)
         p_top1 = out.log_p_z.exp()[:, 0].mean()
         return out.loss, {"reader_loss": out.reader_loss, "retriever_loss": out.retriever_loss,
@@ -211,7 +214,9 @@ class OpenQATask:
 
         return {"retriever": asdict(self.qa.retriever), "reader": asdict(self.qa.reader),
                 "shared_towers": self.qa.shared_towers, "vocab_file": self.rtok.vocab_file,
-                "top_k": self.qa.top_k}
+                "top_k": self.qa.top_k, "query_max_len": self.qa.query_max_len,
+                "context_max_len": self.qa.context_max_len, "reader_max_len": self.qa.reader_max_len,
+                "answer_max_len": self.qa.answer_max_len}
 
     def state_dict(self) -> dict:
         return {"index_version": self.index_manager.version if self.index_manager else None}
