@@ -21,6 +21,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 from megatron.core.utils import make_viewless_tensor
 
 from megatron.emdr2.models.fast_attention import SdpaAttention
+from megatron.emdr2.models.fast_linear import FusedColumnParallelLinear, FusedRowParallelLinear
 
 
 class ResidualOrderLayer(TransformerLayer):
@@ -59,12 +60,27 @@ class ResidualOrderLayer(TransformerLayer):
         return make_viewless_tensor(inp=out, requires_grad=out.requires_grad, keep_graph=True)
 
 
+def _with_fused_linears(spec: ModuleSpec) -> ModuleSpec:
+    """Bias fused into the matmul when no autograd and one tensor-parallel rank (``fast_linear``)."""
+    sub = spec.submodules
+    for attn in (sub.self_attention, getattr(sub, "cross_attention", None)):
+        if attn is None or not hasattr(attn, "submodules"):
+            continue
+        for name in ("linear_qkv", "linear_q", "linear_kv"):
+            if getattr(attn.submodules, name, None) is not None:
+                setattr(attn.submodules, name, FusedColumnParallelLinear)
+        attn.submodules.linear_proj = FusedRowParallelLinear
+    sub.mlp.submodules.linear_fc1 = FusedColumnParallelLinear
+    sub.mlp.submodules.linear_fc2 = FusedRowParallelLinear
+    return spec
+
+
 def bert_layer_spec() -> ModuleSpec:
     """megatron-core's local BERT layer, with the residual-ordering option and fused attention."""
     spec = copy.deepcopy(bert_layer_local_spec)
     spec.module = ResidualOrderLayer
     spec.submodules.self_attention.submodules.core_attention = SdpaAttention
-    return spec
+    return _with_fused_linears(spec)
 
 
 def _with_fast_attention(spec: ModuleSpec) -> ModuleSpec:
@@ -74,7 +90,7 @@ def _with_fast_attention(spec: ModuleSpec) -> ModuleSpec:
     cross = getattr(spec.submodules, "cross_attention", None)
     if cross is not None and hasattr(cross, "submodules"):
         cross.submodules.core_attention = SdpaAttention
-    return spec
+    return _with_fused_linears(spec)
 
 
 def t5_encoder_layer_spec(relative_bias: bool = False) -> ModuleSpec:
