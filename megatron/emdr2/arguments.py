@@ -191,6 +191,11 @@ def validate(cfg: TrainingConfig, world_size: int, models: Sequence[ModelSize] =
         raise ConfigError("--lr and --min-lr must be >= 0")
     if cfg.checkpoint.keep_last is not None and cfg.checkpoint.keep_last < 1:
         raise ConfigError("--keep-last must be >= 1")
+    if cfg.parallel.use_distributed_optimizer and (cfg.checkpoint.save or cfg.checkpoint.load):
+        # Its Adam moments live in sharded buffers that state_dict() does not return: saving
+        # would silently drop them, so refuse rather than resume inexactly.
+        raise ConfigError("--use-distributed-optimizer cannot be checkpointed yet (--save/--load); "
+                          "train without it or without checkpoints")
     if cfg.checkpoint.save_interval is not None and not cfg.checkpoint.save:
         raise ConfigError("--save-interval needs --save DIR")
     if cfg.checkpoint.load is not None and not os.path.isdir(cfg.checkpoint.load):
