@@ -18,7 +18,6 @@ from the manifest alone, which makes truncation checks exact.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -28,11 +27,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from megatron.emdr2 import fileio
+
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 LATEST = "LATEST"
 PARTIAL = ".partial"
-_HASH_CHUNK = 16 << 20
 
 
 class IndexStoreError(RuntimeError):
@@ -47,38 +47,13 @@ def shard_stem(shard: int, num_shards: int) -> str:
     return f"shard-{shard:05d}-of-{num_shards:05d}"
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    """Streaming sha256 (hashlib uses the CPU's SHA extensions: ~1-2 GB/s)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+sha256_file = fileio.sha256_file
+_fsync_dir = fileio.fsync_dir
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see either the old file or the whole new one."""
-    path = Path(path)
-    tmp = path.with_name(path.name + f".{os.getpid()}{PARTIAL}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    """Readers see the old file or the whole new one (the temporary is a ``*.partial`` file)."""
+    fileio.atomic_write_text(path, text, tmp_suffix=PARTIAL)
 
 
 @dataclass

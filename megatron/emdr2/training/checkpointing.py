@@ -17,7 +17,6 @@ one. Loading verifies the manifest and names the file that is missing, truncated
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -28,6 +27,8 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+
+from megatron.emdr2 import fileio
 
 MANIFEST = "manifest.json"
 LATEST = "latest"
@@ -51,35 +52,9 @@ def rank_file(global_rank: int) -> str:
     return f"rank_{global_rank:05d}.pt"
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(path) or ".")
+_sha256 = fileio.sha256_file
+_fsync_dir = fileio.fsync_dir
+atomic_write_text = fileio.atomic_write_text
 
 
 def _torch_save(obj: Any, path: str) -> None:
