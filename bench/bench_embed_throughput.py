@@ -57,7 +57,7 @@ def our_tower(hf_model, hf_sd):
     from megatron.emdr2.models.convert import bert_tower_from_hf_config, hf_bert_to_megatron
 
     cfg = hf_model.config
-    tower = bert_tower_from_hf_config(cfg, layout="bert")  # eval(): no dropout
+    tower = bert_tower_from_hf_config(cfg, layout="bert")  # .eval(): no dropout
     tower.load_state_dict(hf_bert_to_megatron(hf_sd, cfg.num_hidden_layers, cfg.num_attention_heads),
                           strict=False)
     return tower.eval()
