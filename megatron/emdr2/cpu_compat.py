@@ -141,17 +141,11 @@ def _patch_rng_tracker():
     mrandom.initialize_rng_tracker(force_reset=True)
 
 
-def _block_stray_apex():
-    """megatron-core probes ``import apex``; PyPI's unrelated 'apex' must never be picked up."""
+def _block_apex():
+    """megatron-core probes ``import apex``. Without CUDA, NVIDIA's apex has nothing to offer,
+    and PyPI's unrelated 'apex' package must never be picked up: make the import fail."""
     if "apex" not in sys.modules:
-        try:
-            import importlib.util
-
-            spec = importlib.util.find_spec("apex")
-        except (ImportError, ValueError):
-            spec = None
-        if spec is not None and "multi_tensor_apply" not in str(spec.submodule_search_locations or ""):
-            sys.modules["apex"] = None  # makes `import apex` raise ImportError
+        sys.modules["apex"] = None  # `import apex` now raises ImportError
 
 
 def apply() -> bool:
@@ -161,7 +155,7 @@ def apply() -> bool:
         return True
     if not cuda_absent():
         return False
-    _block_stray_apex()
+    _block_apex()
 
     for name in _FACTORIES:
         setattr(torch, name, _redirect_device(getattr(torch, name)))
