@@ -190,8 +190,7 @@ def add_inference_args(parser: argparse.ArgumentParser) -> None:
     """Flags of the commands that load a trained reader-retriever (evaluate, answer)."""
     from megatron.emdr2.config import PRECISIONS
 
-    common_defaults = dict(retriever=RETRIEVER_BASE, reader=READER_BASE)
-    add_openqa_args(parser, **common_defaults)
+    add_openqa_args(parser)  # sizes default to base; a checkpoint's recorded sizes override them
     parser.add_argument("--load", required=True,
                         help="EMDR²/MSS checkpoint directory (its best iteration, else latest)")
     parser.add_argument("--rebuild-index", action="store_true",
