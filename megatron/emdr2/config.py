@@ -30,6 +30,11 @@ class ModelSize:
     hidden_dropout: float = 0.1
     attention_dropout: float = 0.1
     layernorm_epsilon: Optional[float] = None  # None: the model family's default
+    # Original-BERT (post-LN) residual ordering: towers, or the reader's encoder, that start
+    # from a Hugging Face BERT checkpoint need it.
+    post_layernorm: bool = False
+    decoder_num_layers: Optional[int] = None  # the reader's decoder depth (default num_layers)
+    copy_head: bool = False  # the reader mixes in a copy distribution (models/copy_head.py)
 
     @property
     def ffn_size(self) -> int:

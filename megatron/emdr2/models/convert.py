@@ -562,6 +562,8 @@ def megatron_to_hf_t5(state_dict: Union[StateDict, Sequence[StateDict]], num_hea
     """
     what = "megatron T5 reader checkpoint"
     shards = [state_dict] if isinstance(state_dict, Mapping) else list(state_dict)
+    if any(k.startswith("copy_head.") for k in shards[0]):
+        raise ConversionError(f"{what}: has a copy head, which Hugging Face T5 has no place for")
     if gated is None:
         fc1 = _require(shards[0], "encoder.layers.0.mlp.linear_fc1.weight", what)
         fc2 = _require(shards[0], "encoder.layers.0.mlp.linear_fc2.weight", what)

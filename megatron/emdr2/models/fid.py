@@ -54,6 +54,9 @@ class FiDReader(T5Model):
             head, as the original Google T5 does (T5 v1.1 / Flan-T5 do not).
         real_vocab_size: ids >= this are vocabulary padding (for tensor parallelism) and get
             -inf logits, so they are never generated and do not dilute likelihoods.
+        copy_head: mix a copy distribution over the memory's tokens into the output
+            (``copy_head.CopyHead``); every likelihood and decoding call then needs the memory's
+            token ids (``memory_ids``). One tensor-parallel rank only.
     """
 
     def __init__(self, config: TransformerConfig, vocab_size: int, max_sequence_length: int,
@@ -63,7 +66,8 @@ class FiDReader(T5Model):
                  relative_attention_max_distance: int = 128,
                  share_embeddings_and_output_weights: bool = True,
                  scale_decoder_output: bool = False,
-                 real_vocab_size: Optional[int] = None):
+                 real_vocab_size: Optional[int] = None,
+                 copy_head: bool = False):
         if position_embedding_type not in ("learned_absolute", "relative"):
             raise ValueError(f"position_embedding_type must be 'learned_absolute' or 'relative', "
                              f"got {position_embedding_type!r}")
@@ -85,6 +89,23 @@ class FiDReader(T5Model):
         self.scale_decoder_output = scale_decoder_output
         self.to(config.params_dtype)  # norms / position tables ignore params_dtype
         self.real_vocab_size = real_vocab_size if real_vocab_size is not None else vocab_size
+        self.encoder_frozen = False
+        self.copy_head = None
+        if copy_head:
+            if tp > 1:
+                raise ValueError("the reader's copy head needs the whole vocabulary on one rank: "
+                                 "use tensor-parallel size 1")
+            from megatron.emdr2.models.copy_head import CopyHead
+
+            self.copy_head = CopyHead(config.hidden_size, config.init_method_std).to(config.params_dtype)
+
+    def freeze_encoder(self) -> None:
+        """Train the decoder only: the encoder and the (shared) embeddings keep their weights,
+        and the encoder runs without autograd, which is most of the reader's training cost.
+        Useful with a pretrained encoder (e.g. a BERT warm start) and a fresh decoder."""
+        self.encoder_frozen = True
+        for p in (*self.encoder.parameters(), *self.embedding.parameters()):
+            p.requires_grad_(False)
 
     # ---------------------------------------------------------------- building blocks
     def embed(self, input_ids: Tensor, offset: int = 0) -> Tensor:
@@ -139,9 +160,10 @@ class FiDReader(T5Model):
                              f"{tuple(input_ids.shape)} and {tuple(mask.shape)}")
         B, K, S = input_ids.shape
         ids = input_ids.reshape(B * K, S)
-        hidden = self.encoder(hidden_states=self.embed(ids),
-                              attention_mask=padding_attention_mask(mask.reshape(B * K, S)),
-                              attention_bias=self.relative_bias("encoder", S, S))
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.encoder_frozen):
+            hidden = self.encoder(hidden_states=self.embed(ids),
+                                  attention_mask=padding_attention_mask(mask.reshape(B * K, S)),
+                                  attention_bias=self.relative_bias("encoder", S, S))
         states = hidden.transpose(0, 1).reshape(B, K * S, hidden.size(-1))
         return states, mask.reshape(B, K * S)
 
@@ -174,18 +196,32 @@ class FiDReader(T5Model):
         states, memory_mask = self.encode(input_ids, mask)
         return self.forward_from_states(states, memory_mask, decoder_input_ids, decoder_mask)
 
+    def _memory_ids(self, memory_ids: Optional[Tensor], mask: Tensor) -> Optional[Tensor]:
+        if self.copy_head is None:
+            return None
+        if memory_ids is None or memory_ids.shape != mask.shape:
+            raise ValueError(f"a reader with a copy head needs the memory's token ids, shaped like "
+                             f"its mask {tuple(mask.shape)}; got "
+                             f"{None if memory_ids is None else tuple(memory_ids.shape)}")
+        return memory_ids
+
     def token_nll(self, states: Tensor, mask: Tensor, decoder_input_ids: Tensor, labels: Tensor,
-                  label_mask: Optional[Tensor] = None) -> Tensor:
+                  label_mask: Optional[Tensor] = None, memory_ids: Optional[Tensor] = None) -> Tensor:
         """Teacher-forced cross-entropy per token [B, T] over the FiD memory (0 where masked).
 
         labels [B, T] (IGNORE_INDEX allowed where label_mask is None); computed with megatron's
         vocab-parallel cross-entropy, so no rank ever holds the whole vocabulary's logits.
+        memory_ids [B, M]: the memory's token ids (``encode``'s input, flattened), needed with a
+        copy head.
         """
         label_mask = _label_mask(labels, label_mask)
+        memory_ids = self._memory_ids(memory_ids, mask)
         hidden = self.decoder_hidden(states, mask, decoder_input_ids)
         logits = self.vocab_parallel_logits(hidden).float()
         target = labels.masked_fill(~label_mask, 0).t().contiguous()
         nll = tensor_parallel.vocab_parallel_cross_entropy(logits, target)  # [T, B]
+        if self.copy_head is not None:
+            nll = -self.copy_head.mix_gold(-nll, hidden, self.copy_head.keys(states), mask, memory_ids, target)
         return nll.t() * label_mask
 
     def loss(self, input_ids: Tensor, mask: Tensor, decoder_input_ids: Tensor, labels: Tensor,
@@ -193,7 +229,8 @@ class FiDReader(T5Model):
         """Mean token cross-entropy of the answers given all K passages (a scalar)."""
         label_mask = _label_mask(labels, label_mask)
         states, memory_mask = self.encode(input_ids, mask)
-        nll = self.token_nll(states, memory_mask, decoder_input_ids, labels, label_mask)
+        nll = self.token_nll(states, memory_mask, decoder_input_ids, labels, label_mask,
+                             memory_ids=input_ids.reshape(memory_mask.shape))
         return nll.sum() / label_mask.sum().clamp(min=1)
 
     # ---------------------------------------------------------------- EMDR² per-passage term
@@ -201,7 +238,8 @@ class FiDReader(T5Model):
                                    decoder_input_ids: Tensor, labels: Tensor,
                                    label_mask: Optional[Tensor] = None,
                                    max_logit_elements: Optional[int] = None,
-                                   max_sequences: Optional[int] = None
+                                   max_sequences: Optional[int] = None,
+                                   memory_ids: Optional[Tensor] = None
                                    ) -> Tuple[Tensor, Tensor]:
         """log p(answer | question, passage k) for every k, reusing the FiD encoder states.
 
@@ -215,6 +253,8 @@ class FiDReader(T5Model):
             max_sequences: run the decoder on at most this many of the B*K (question, passage)
                 sequences at a time (default: all at once, the fastest); B bounds the memory
                 by that of one single-passage run.
+            memory_ids: [B, K*S] the memory's token ids (needed with a copy head: each passage
+                then copies from its own tokens only).
         Returns:
             (seq_logprob [B, K], token_logprob [B, K, T]) in fp32; token_logprob is 0 at masked
             positions. Runs in eval mode (no dropout) under ``torch.no_grad``: EMDR² uses it
@@ -222,6 +262,7 @@ class FiDReader(T5Model):
             mask such passages out of the retrieval distribution.
         """
         label_mask = _label_mask(labels, label_mask)
+        memory_ids = self._memory_ids(memory_ids, mask)
         B, T = labels.shape
         if states.size(1) % K:
             raise ValueError(f"memory length {states.size(1)} is not K={K} passages long")
@@ -232,6 +273,7 @@ class FiDReader(T5Model):
             with torch.no_grad():
                 memory = states.detach().reshape(B * K, S, states.size(-1))
                 memory_mask = mask.reshape(B * K, S)
+                ids = memory_ids.reshape(B * K, S) if memory_ids is not None else None
                 dec = decoder_input_ids.repeat_interleave(K, dim=0)
                 tgt = labels.masked_fill(~label_mask, 0).repeat_interleave(K, dim=0)
                 keep = label_mask.repeat_interleave(K, dim=0)
@@ -243,7 +285,12 @@ class FiDReader(T5Model):
                 for first in range(0, B * K, group):
                     seqs = slice(first, first + group)
                     hidden = self.decoder_hidden(memory[seqs], memory_mask[seqs], dec[seqs])
-                    token[seqs] = self._gold_token_log_probs(hidden, tgt[seqs], keep[seqs], chunk)
+                    gold = self._gold_token_log_probs(hidden, tgt[seqs], keep[seqs], chunk)
+                    if self.copy_head is not None:
+                        gold = self.copy_head.mix_gold(
+                            gold.t(), hidden, self.copy_head.keys(memory[seqs]), memory_mask[seqs],
+                            ids[seqs], tgt[seqs].t()).t() * keep[seqs]
+                    token[seqs] = gold
                 token = token.reshape(B, K, T)
         finally:
             self.train(was_training)
@@ -280,8 +327,9 @@ class FiDReader(T5Model):
         try:
             with torch.no_grad():
                 states, memory_mask = self.encode(input_ids, mask)
+                memory_ids = input_ids.reshape(memory_mask.shape) if self.copy_head is not None else None
                 return generation.generate(self, states, memory_mask, max_length, num_beams,
-                                           bos_id, eos_id, pad_id, length_penalty)
+                                           bos_id, eos_id, pad_id, length_penalty, memory_ids)
         finally:
             self.train(was_training)
 

@@ -35,9 +35,14 @@ def _add(residual: Tensor, out_with_bias) -> Tensor:
 class DecoderCache:
     """Per-layer attention keys/values of the N sequences being decoded (sequence-first)."""
 
-    def __init__(self, reader, states: Tensor, mask: Tensor, max_length: int):
+    def __init__(self, reader, states: Tensor, mask: Tensor, max_length: int,
+                 memory_ids: Optional[Tensor] = None):
         memory = states.transpose(0, 1).contiguous()  # [M, N, H]
         self.cross_mask = padding_attention_mask(mask)
+        # The copy head's keys, mask and token ids of the memory (readers with a copy head).
+        self.copy = None
+        if reader.copy_head is not None:
+            self.copy = (reader.copy_head.keys(states), mask, memory_ids)
         self.cross_k: List[Tensor] = []
         self.cross_v: List[Tensor] = []
         for layer in reader.decoder.layers:
@@ -68,11 +73,18 @@ class DecoderCache:
         self.self_k, self.self_v = pick(self.self_k), pick(self.self_v)
         self.cross_k, self.cross_v = pick(self.cross_k), pick(self.cross_v)
         self.cross_mask = self.cross_mask.index_select(0, index)
+        if self.copy is not None:
+            self.copy = tuple(t.index_select(0, index) for t in self.copy)
 
 
 def decode_step(reader, cache: DecoderCache, tokens: Tensor, position: int) -> Tensor:
     """Feed ``tokens`` [N] at ``position``; return this rank's vocabulary slice of the next-token
     logits [N, V/tp]."""
+    return reader.vocab_parallel_logits(decode_hidden(reader, cache, tokens, position))[0]
+
+
+def decode_hidden(reader, cache: DecoderCache, tokens: Tensor, position: int) -> Tensor:
+    """Feed ``tokens`` [N] at ``position``; return the decoder's final state [1, N, H]."""
     x = reader.embed(tokens[:, None], offset=position)  # [1, N, H]
     bias = None
     if cache.bias is not None:
@@ -94,23 +106,28 @@ def decode_step(reader, cache: DecoderCache, tokens: Tensor, position: int) -> T
         x = _add(x, ca.linear_proj(ctx))
 
         x = _add(x, layer.mlp(layer.pre_mlp_layernorm(x)))
-    x = reader.decoder.final_layernorm(x)
-    return reader.vocab_parallel_logits(x)[0]
+    return reader.decoder.final_layernorm(x)
 
 
-def _full_logits(reader, cache, tokens, position) -> Tensor:
-    return reader.gather_vocab(decode_step(reader, cache, tokens, position)).float()
+def next_token_log_probs(reader, cache: DecoderCache, tokens: Tensor, position: int) -> Tensor:
+    """log p(next token) over the whole vocabulary [N, V] (fp32), copy head included."""
+    hidden = decode_hidden(reader, cache, tokens, position)
+    logits = reader.gather_vocab(reader.vocab_parallel_logits(hidden)).float()
+    if cache.copy is None:
+        return F.log_softmax(logits[0], dim=-1)
+    keys, mask, ids = cache.copy
+    return reader.copy_head.mix_full(logits, hidden, keys, mask, ids)[0]
 
 
 def greedy(reader, states: Tensor, mask: Tensor, max_length: int, bos_id: int, eos_id: int,
-           pad_id: int) -> Tensor:
+           pad_id: int, memory_ids: Optional[Tensor] = None) -> Tensor:
     n = states.size(0)
-    cache = DecoderCache(reader, states, mask, max_length)
+    cache = DecoderCache(reader, states, mask, max_length, memory_ids)
     tokens = torch.full((n,), bos_id, dtype=torch.long, device=states.device)
     done = torch.zeros(n, dtype=torch.bool, device=states.device)
     out = []
     for t in range(max_length):
-        nxt = _full_logits(reader, cache, tokens, t).argmax(-1)
+        nxt = next_token_log_probs(reader, cache, tokens, t).argmax(-1)
         nxt = nxt.masked_fill(done, pad_id)
         out.append(nxt)
         done |= nxt == eos_id
@@ -121,7 +138,8 @@ def greedy(reader, states: Tensor, mask: Tensor, max_length: int, bos_id: int, e
 
 
 def beam_search(reader, states: Tensor, mask: Tensor, max_length: int, num_beams: int,
-                bos_id: int, eos_id: int, pad_id: int, length_penalty: float = 1.0) -> Tensor:
+                bos_id: int, eos_id: int, pad_id: int, length_penalty: float = 1.0,
+                memory_ids: Optional[Tensor] = None) -> Tensor:
     """Beam search with Hugging Face's default semantics (``early_stopping=False``).
 
     Each step keeps the 2N best continuations of the N beams; among them, those ending in eos
@@ -133,7 +151,7 @@ def beam_search(reader, states: Tensor, mask: Tensor, max_length: int, num_beams
     dev = states.device
     NEG = -1.0e9
     cache = DecoderCache(reader, states.repeat_interleave(N, 0), mask.repeat_interleave(N, 0),
-                         max_length)
+                         max_length, None if memory_ids is None else memory_ids.repeat_interleave(N, 0))
     run_scores = torch.full((B, N), NEG, device=dev)
     run_scores[:, 0] = 0.0  # all beams start identical: expand only the first
     run_seqs = torch.full((B, N, max_length), pad_id, dtype=torch.long, device=dev)
@@ -146,7 +164,7 @@ def beam_search(reader, states: Tensor, mask: Tensor, max_length: int, num_beams
     rows = torch.arange(B, device=dev)[:, None]
     tokens = torch.full((B * N,), bos_id, dtype=torch.long, device=dev)
     for t in range(max_length):
-        logp = F.log_softmax(_full_logits(reader, cache, tokens, t), dim=-1)
+        logp = next_token_log_probs(reader, cache, tokens, t)
         V = logp.size(-1)
         acc = (logp.view(B, N, V) + run_scores[:, :, None]).view(B, N * V)
         top, idx = acc.topk(2 * N, dim=1)
@@ -186,12 +204,13 @@ def beam_search(reader, states: Tensor, mask: Tensor, max_length: int, num_beams
 
 
 def generate(reader, states: Tensor, mask: Tensor, max_length: int, num_beams: int,
-             bos_id: int, eos_id: int, pad_id: int, length_penalty: float = 1.0) -> Tensor:
+             bos_id: int, eos_id: int, pad_id: int, length_penalty: float = 1.0,
+             memory_ids: Optional[Tensor] = None) -> Tensor:
     if max_length < 1:
         raise ValueError(f"max_length must be >= 1, got {max_length}")
     if num_beams < 1:
         raise ValueError(f"num_beams must be >= 1, got {num_beams}")
     if num_beams == 1:
-        return greedy(reader, states, mask, max_length, bos_id, eos_id, pad_id)
+        return greedy(reader, states, mask, max_length, bos_id, eos_id, pad_id, memory_ids)
     return beam_search(reader, states, mask, max_length, num_beams, bos_id, eos_id, pad_id,
-                       length_penalty)
+                       length_penalty, memory_ids)

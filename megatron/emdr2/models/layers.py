@@ -95,7 +95,10 @@ def _with_fast_attention(spec: ModuleSpec) -> ModuleSpec:
 
 def t5_encoder_layer_spec(relative_bias: bool = False) -> ModuleSpec:
     # The relative bias, when the model has one, reaches the attention as `attention_bias`.
-    return _with_fast_attention(encoder_model_with_local_spec())
+    # ResidualOrderLayer: an encoder warm-started from BERT keeps BERT's post-LN ordering.
+    spec = _with_fast_attention(encoder_model_with_local_spec())
+    spec.module = ResidualOrderLayer
+    return spec
 
 
 def t5_decoder_layer_spec(relative_bias: bool = False) -> ModuleSpec:

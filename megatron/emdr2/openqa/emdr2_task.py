@@ -14,6 +14,7 @@ indexer ranks).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
@@ -43,8 +44,13 @@ class OpenQAConfig:
     shared_towers: bool = False
     freeze_query_tower: bool = False
     freeze_context_tower: bool = False
+    freeze_reader_encoder: bool = False
+    retriever_lr_mult: float = 1.0
+    reader_encoder_lr_mult: float = 1.0
     retriever_load: Optional[str] = None
     reader_load: Optional[str] = None
+    retriever_bert_load: Optional[str] = None  # HF BERT dir or converted tower, into both towers
+    reader_bert_load: Optional[str] = None  # the same, into the reader's encoder
     query_max_len: int = 64
     context_max_len: int = RETRIEVER_MAX_LEN
     reader_max_len: int = READER_MAX_LEN
@@ -79,6 +85,7 @@ class OpenQATask:
         self.refresh_cfg = refresh
         self.index_manager: Optional[IndexManager] = None
         self._biencoder = None
+        self._frozen_contexts: dict[int, torch.Tensor] = {}  # passage id -> embedding (frozen tower)
 
     # ------------------------------------------------------------------ models
     def build_models(self):
@@ -90,9 +97,20 @@ class OpenQATask:
         if self.qa.retriever_load:
             builders.load_into(biencoder, builders.load_model_state(self.qa.retriever_load, "biencoder"),
                                self.qa.retriever_load)
+        elif self.qa.retriever_bert_load:
+            tower = builders.load_bert_tower_state(self.qa.retriever_bert_load, self.qa.retriever.num_layers,
+                                                   self.qa.retriever.seq_length)
+            for module in {id(t): t for t in (biencoder.query_tower, biencoder.context_encoder)}.values():
+                builders.load_into(module, tower, self.qa.retriever_bert_load)
         if self.qa.reader_load:
             builders.load_into(reader, builders.load_model_state(self.qa.reader_load, "reader"),
                                self.qa.reader_load)
+        elif self.qa.reader_bert_load:
+            tower = builders.load_bert_tower_state(self.qa.reader_bert_load, self.qa.reader.num_layers,
+                                                   self.qa.reader.seq_length)
+            builders.bert_into_reader_encoder(reader, tower, self.qa.reader_bert_load)
+        if self.qa.freeze_reader_encoder:
+            reader.freeze_encoder()
         self._biencoder = biencoder
         self._start_index(biencoder)
         return {"biencoder": biencoder, "reader": reader}
@@ -101,6 +119,10 @@ class OpenQATask:
         from megatron.emdr2.index import shard_store
 
         r = self.refresh_cfg
+        if self.qa.freeze_context_tower and r.interval:
+            # A frozen context tower would re-embed the same vectors: never refresh.
+            logger.info("context tower frozen: the index is not refreshed (interval %d ignored)", r.interval)
+            r = dataclasses.replace(r, interval=0)
 
         def build_sync(step: int) -> str:
             out = f"{r.index_dir}/{shard_store.version_name(step)}"
@@ -160,6 +182,29 @@ class OpenQATask:
         mask = torch.stack([pad(m, 0) for _, m in pairs])
         return ids, mask  # [B, K, S]
 
+    FROZEN_CACHE_ENTRIES = 1_000_000
+
+    def _frozen_context_embeddings(self, biencoder, ids: torch.Tensor, passages) -> torch.Tensor:
+        """[B, K, H] embeddings of a frozen context tower: each passage embedded once (in eval
+        mode, as the index was), then reused; a frozen tower would recompute the same vectors."""
+        flat_ids = ids.reshape(-1).tolist()
+        flat = [p for ps in passages for p in ps]
+        todo = sorted({i for i in flat_ids if i not in self._frozen_contexts})
+        if todo:
+            first = {i: flat[flat_ids.index(i)] for i in todo}
+            c_ids, c_mask = encode_context(self.rtok, [first[i] for i in todo], self.qa.context_max_len,
+                                           pad_to="longest")
+            tower = biencoder.context_encoder
+            was_training = tower.training
+            tower.eval()
+            with torch.no_grad():
+                emb = tower(c_ids, c_mask)
+            tower.train(was_training)
+            if len(self._frozen_contexts) + len(todo) > self.FROZEN_CACHE_ENTRIES:
+                self._frozen_contexts.clear()  # bounded memory at full scale
+            self._frozen_contexts.update(zip(todo, emb))
+        return torch.stack([self._frozen_contexts[i] for i in flat_ids]).view(*ids.shape, -1)
+
     def forward_step(self, models, batch: QABatch):
         biencoder, reader = models["biencoder"], models["reader"]
         K = self.qa.top_k
@@ -167,14 +212,19 @@ class OpenQATask:
         passages = self.passages(ids)
 
         # Re-score the retrieved passages with the current towers (gradient into both).
-        c_ids, c_mask = encode_context(self.rtok, [p for ps in passages for p in ps], self.qa.context_max_len,
-                                       pad_to="longest")
-        c_emb = biencoder.embed_contexts(c_ids, c_mask).view(len(passages), K, -1)
+        if biencoder.freeze_context:
+            c_emb = self._frozen_context_embeddings(biencoder, ids, passages)
+        else:
+            c_ids, c_mask = encode_context(self.rtok, [p for ps in passages for p in ps],
+                                           self.qa.context_max_len, pad_to="longest")
+            c_emb = biencoder.embed_contexts(c_ids, c_mask).view(len(passages), K, -1)
         scores = biencoder.score(q_emb, c_emb)
 
         r_ids, r_mask = self.reader_inputs(batch.questions, passages)
         states, memory_mask = reader.encode(r_ids, r_mask)
-        token_nll = reader.token_nll(states, memory_mask, batch.decoder_ids, batch.labels, batch.label_mask)
+        memory_ids = r_ids.view(memory_mask.shape)
+        token_nll = reader.token_nll(states, memory_mask, batch.decoder_ids, batch.labels, batch.label_mask,
+                                     memory_ids=memory_ids)
         reader_nll = token_nll.sum(-1)  # -log p(a | q, Z), summed over answer tokens
         if self.qa.objective.retriever_objective == "none":
             token_lp = torch.zeros(len(passages), K, batch.labels.size(1))
@@ -183,13 +233,18 @@ class OpenQATask:
             # once is faster still but holds every passage's cross-attention keys/values).
             _, token_lp = reader.per_passage_log_likelihood(states, memory_mask, K, batch.decoder_ids,
                                                             batch.labels, batch.label_mask,
-                                                            max_sequences=len(passages))
+                                                            max_sequences=len(passages),
+                                                            memory_ids=memory_ids)
         out = joint_loss(self.qa.objective, scores, token_lp, batch.label_mask.float(), reader_nll)
         p_top1 = out.log_p_z.exp()[:, 0].mean()
         return out.loss, {"reader_loss": out.reader_loss, "retriever_loss": out.retriever_loss,
                           "p_top1": p_top1}
 
     # ------------------------------------------------------------------ hooks
+    def lr_multipliers(self) -> dict:
+        return {"biencoder": self.qa.retriever_lr_mult,
+                "reader:encoder.,embedding.": self.qa.reader_encoder_lr_mult}
+
     def on_step_end(self, models, iteration: int) -> None:
         self.index_manager.after_step(iteration)
 

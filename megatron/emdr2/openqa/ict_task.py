@@ -113,14 +113,10 @@ def _world(group=None) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-def _load_tower_state(path: str) -> dict:
-    """A BERT tower state dict from a converter directory (mp_rank_00.pt) or a .pt file."""
-    if os.path.isdir(path) and os.path.exists(os.path.join(path, "mp_rank_00.pt")):
-        path = os.path.join(path, "mp_rank_00.pt")
-    state = builders.load_model_state(path, "bert")
-    if any(k.startswith("query_tower.") for k in state):  # a biencoder: take its query tower
-        state = {k[len("query_tower."):]: v for k, v in state.items() if k.startswith("query_tower.")}
-    return state
+def _load_tower_state(path: str, size: ModelSize) -> dict:
+    """A BERT tower state dict (its first ``size.num_layers`` layers) from a Hugging Face BERT
+    directory, a converter directory (mp_rank_00.pt) or a .pt file."""
+    return builders.load_bert_tower_state(path, size.num_layers, size.seq_length)
 
 
 def _vocab_rows(state: dict, where: str) -> int:
@@ -167,7 +163,7 @@ class RetrieverTrainingTask:
             init_state, init_path = builders.load_model_state(r.retriever_load, "biencoder"), r.retriever_load
             self.vocab_size = _vocab_rows(init_state, r.retriever_load)
         elif r.bert_load:
-            tower_state = _load_tower_state(r.bert_load)
+            tower_state = _load_tower_state(r.bert_load, r.size)
             self.vocab_size = _vocab_rows(tower_state, r.bert_load)
         biencoder = builders.build_biencoder(r.size, self.vocab_size, self.cfg.precision.precision,
                                              self.cfg.parallel.tensor_parallel, shared=r.shared_towers,

@@ -37,6 +37,7 @@ def build_index(biencoder, tok, evidence, out_dir: str, model_step: int = 0, bat
     tower = biencoder.context_encoder
     was_training = tower.training
     dtype = next(tower.parameters()).dtype
+    tower.eval()  # no dropout in the index (embed_evidence cannot see the module behind the lambda)
     try:
         embed_evidence(lambda ids, mask: tower(ids, mask), context_tokenizer(tok, evidence, max_len),
                        evidence.ids, out_dir, batch_size=batch_size, model_step=model_step, group=group,

@@ -22,7 +22,7 @@ import torch
 from megatron.emdr2.config import TrainingConfig
 from megatron.emdr2.training import checkpointing as ckpt
 from megatron.emdr2.training.logging import MetricsLogger
-from megatron.emdr2.training.setup import build_optimizer, build_scheduler, prepare_models
+from megatron.emdr2.training.setup import build_optimizer, build_scheduler, mark_lr_groups, prepare_models
 from megatron.emdr2.training.task import Task, optional
 
 
@@ -70,8 +70,11 @@ class Trainer:
         self.task, self.cfg = task, cfg
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True)
-        self.models, self.ddp_models = prepare_models(task.build_models(), cfg)
-        self.optimizer = build_optimizer(self.ddp_models, cfg)
+        models = task.build_models()
+        lr_multipliers = optional(task, "lr_multipliers")
+        lr_groups = mark_lr_groups(models, lr_multipliers() if lr_multipliers else None)
+        self.models, self.ddp_models = prepare_models(models, cfg)
+        self.optimizer = build_optimizer(self.ddp_models, cfg, lr_groups)
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.dp_rank, self.dp_size, self.dp_group = _dp_info()
         self.num_micro_batches = cfg.batch.num_micro_batches(self.dp_size)

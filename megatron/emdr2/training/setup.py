@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Optional, Mapping
 
 import torch
 
@@ -41,10 +41,42 @@ def wrap_ddp(module: torch.nn.Module, cfg: TrainingConfig):
     return DistributedDataParallel(get_model_config(module), ddp_config, module)
 
 
-def build_optimizer(ddp_models: list, cfg: TrainingConfig):
+LR_GROUP_ATTR = "emdr2_lr_group"  # marks the parameters of a model with its own lr factor
+
+
+def mark_lr_groups(models: dict, multipliers: Optional[dict]) -> dict:
+    """Tag parameters so that the optimizer puts them in their own param group.
+
+    ``multipliers`` maps ``"model"`` or ``"model:prefix1,prefix2"`` (parameter-name prefixes
+    within that model) to an lr factor; a parameter takes the first entry that matches it.
+    Returns {tag: factor} for ``build_optimizer``.
+    """
+    groups, tagged = {}, set()
+    for i, (key, factor) in enumerate((multipliers or {}).items()):
+        name, _, prefixes = key.partition(":")
+        if name not in models:
+            raise ValueError(f"lr multiplier for unknown model {name!r} (models: {sorted(models)})")
+        prefixes = tuple(p for p in prefixes.split(",") if p)
+        tag = f"{LR_GROUP_ATTR}_{i}"
+        for pname, p in models[name].named_parameters():
+            if id(p) in tagged or (prefixes and not pname.startswith(prefixes)):
+                continue
+            tagged.add(id(p))
+            if factor != 1.0:
+                setattr(p, tag, True)
+        if factor != 1.0:
+            groups[tag] = float(factor)
+    return groups
+
+
+def build_optimizer(ddp_models: list, cfg: TrainingConfig, lr_groups: Optional[dict] = None):
     """megatron-core's optimizer: AdamW (decoupled weight decay), fp16 dynamic loss scaling
-    (overflowing steps are skipped), bf16 with fp32 master weights, global-norm clipping."""
+    (overflowing steps are skipped), bf16 with fp32 master weights, global-norm clipping.
+    ``lr_groups`` ({parameter tag: factor}, from ``mark_lr_groups``) scale the max and min lr of
+    the tagged parameters through megatron-core's param-group overrides."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer import get_standard_config_overrides
+    from megatron.core.optimizer.optimizer_config import ParamKey
 
     o, p = cfg.optimizer, cfg.precision
     config = OptimizerConfig(
@@ -66,7 +98,12 @@ def build_optimizer(ddp_models: list, cfg: TrainingConfig):
         hysteresis=p.hysteresis,
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
     )
-    return get_megatron_optimizer(config, ddp_models)
+    overrides = None
+    if lr_groups:
+        overrides = get_standard_config_overrides(config)  # keeps no weight decay on biases/norms
+        for tag, factor in lr_groups.items():
+            overrides[ParamKey(attr=tag)] = {"max_lr": o.lr * factor, "min_lr": o.min_lr * factor}
+    return get_megatron_optimizer(config, ddp_models, config_overrides=overrides)
 
 
 def build_scheduler(optimizer, cfg: TrainingConfig):

@@ -21,6 +21,8 @@ class Task(Protocol):
       on_step_end(models, iteration) -> None, after each optimizer step (e.g. index refresh).
       state_dict() / load_state_dict(state) -> task state to checkpoint (e.g. index version).
       close() -> None, at the end of training.
+      lr_multipliers() -> {model name: factor}: that model's parameters follow the schedule
+                          scaled by the factor (e.g. a gentler retriever than reader).
     """
 
     def build_models(self) -> Mapping[str, torch.nn.Module]: ...

@@ -1,0 +1,120 @@
+"""The reader's copy head (pointer-generator): a proper distribution, the same likelihoods on
+every path (FiD memory, per-passage reuse, KV-cached decoding), and refusals where it cannot go."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron.emdr2.config import ModelSize
+from megatron.emdr2.openqa import builders
+
+V, REAL_V = 128, 120
+
+
+@pytest.fixture(scope="module", autouse=True)
+def megatron_single_rank():
+    from megatron.core import parallel_state
+
+    from megatron.emdr2.initialize import initialize
+
+    if not parallel_state.model_parallel_is_initialized():
+        initialize(1, 1, seed=1234)
+    yield
+
+
+def _reader(seed=0):
+    torch.manual_seed(seed)
+    size = ModelSize(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128, seq_length=32,
+                     hidden_dropout=0.0, attention_dropout=0.0, copy_head=True)
+    reader = builders.build_reader(size, V, REAL_V)
+    with torch.no_grad():  # a decisive copy attention and a gate away from 1/2
+        reader.copy_head.query.weight.mul_(20)
+        reader.copy_head.gate.bias.fill_(-0.5)
+    return reader.eval()
+
+
+def _batch(B=2, K=3, S=7, T=4, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, REAL_V, (B, K, S), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, 1, 4:] = 0
+    mask[1, 2, 2:] = 0
+    # targets copied from the passages (and one absent from every memory)
+    labels = torch.stack([ids[0, 0, :T], ids[1, 1, 1:T + 1]])
+    labels[1, -1] = 3
+    dec = torch.cat([torch.zeros(B, 1, dtype=torch.long), labels[:, :-1]], 1)
+    return ids, mask, dec, labels
+
+
+def _full_log_probs(reader, ids, mask, dec):
+    """Teacher-forced log p(w) over the vocabulary [B, T, V], without any cache."""
+    states, memory_mask = reader.encode(ids, mask)
+    hidden = reader.decoder_hidden(states, memory_mask, dec)
+    logits = reader.vocab_parallel_logits(hidden)
+    out = reader.copy_head.mix_full(logits, hidden, reader.copy_head.keys(states), memory_mask,
+                                    ids.reshape(memory_mask.shape))
+    return out.transpose(0, 1)
+
+
+def test_copy_mixture_is_a_distribution_and_matches_token_nll():
+    reader = _reader()
+    ids, mask, dec, labels = _batch()
+    with torch.no_grad():
+        logp = _full_log_probs(reader, ids, mask, dec)
+        states, memory_mask = reader.encode(ids, mask)
+        nll = reader.token_nll(states, memory_mask, dec, labels, memory_ids=ids.reshape(memory_mask.shape))
+    assert torch.allclose(logp.logsumexp(-1), torch.zeros(2, 4), atol=1e-5)
+    assert torch.isinf(logp[..., REAL_V:]).all() or (logp[..., REAL_V:] < -60).all()  # padding ids
+    gold = logp.gather(-1, labels[..., None])[..., 0]
+    assert torch.allclose(-nll, gold, atol=1e-5)
+    # copying helps exactly the tokens present in the memory
+    vocab_only = torch.log_softmax(reader(ids, mask, dec).float(), -1).gather(-1, labels[..., None])[..., 0]
+    assert (gold[0] > vocab_only[0]).all()
+    assert gold[1, -1] < vocab_only[1, -1]  # token 3 is in no passage: only the (1 - g) share is lost
+
+
+def test_copy_head_per_passage_equals_single_passage_runs():
+    reader = _reader()
+    ids, mask, dec, labels = _batch()
+    B, K = ids.shape[:2]
+    with torch.no_grad():
+        separate = torch.stack([
+            _full_log_probs(reader, ids[:, k:k + 1], mask[:, k:k + 1], dec).gather(-1, labels[..., None])[..., 0]
+            for k in range(K)], 1)
+        states, memory_mask = reader.encode(ids, mask)
+    seq, tok = reader.per_passage_log_likelihood(states, memory_mask, K, dec, labels, max_sequences=B,
+                                                 memory_ids=ids.reshape(memory_mask.shape))
+    assert torch.allclose(tok, separate, atol=1e-4)
+    assert separate.std() > 0.5  # each passage copies from its own tokens only
+
+
+def test_copy_head_greedy_and_beam_follow_the_distribution():
+    reader = _reader()
+    ids, mask, _, _ = _batch()
+    gen = reader.generate(ids, mask, max_length=5, num_beams=1, bos_id=0, eos_id=1)
+    dec = torch.cat([torch.zeros(2, 1, dtype=torch.long), gen[:, :-1]], 1)
+    with torch.no_grad():
+        logp = _full_log_probs(reader, ids, mask, dec)
+    steps = gen.size(1)
+    assert torch.equal(logp.argmax(-1)[:, :steps], gen)
+    memory = ids.reshape(2, -1)
+    assert all(int(t) in set(memory[b].tolist()) for b in range(2) for t in gen[b])  # it copies
+    beams = reader.generate(ids, mask, max_length=5, num_beams=3, bos_id=0, eos_id=1)
+    assert beams.shape[0] == 2 and beams.shape[1] <= 5
+
+
+def test_copy_head_trains_and_refuses_what_it_cannot_do():
+    from megatron.emdr2.models.convert import ConversionError, megatron_to_hf_t5
+
+    reader = _reader().train()
+    ids, mask, dec, labels = _batch()
+    loss = reader.loss(ids, mask, dec, labels)
+    loss.backward()
+    assert reader.copy_head.query.weight.grad.abs().sum() > 0
+    assert reader.copy_head.gate.weight.grad.abs().sum() > 0
+    states, memory_mask = reader.encode(ids, mask)
+    with pytest.raises(ValueError, match="needs the memory's token ids"):
+        reader.token_nll(states, memory_mask, dec, labels)
+    with pytest.raises(ConversionError, match="copy head"):
+        megatron_to_hf_t5(reader.state_dict(), 4)
