@@ -46,3 +46,27 @@ def test_frozen_context_tower_and_reader_encoder(tmp_path, fresh_port):  # noqa:
         task.close()
     finally:
         initialize.shutdown()
+
+
+def test_shared_tower_retriever_starts_separate_towers(tmp_path, fresh_port):  # noqa: F811
+    from megatron.emdr2 import initialize
+
+    initialize.initialize(1, 1, seed=3)
+    try:
+        task, _ = _task(tmp_path)
+        task.qa = dataclasses.replace(task.qa, shared_towers=True)
+        shared = task.build_models()["biencoder"]
+        task.close()
+        torch.save({"model": shared.state_dict()}, tmp_path / "ict.pt")
+
+        (tmp_path / "b").mkdir()
+        task, _ = _task(tmp_path / "b")
+        task.qa = dataclasses.replace(task.qa, shared_towers=False, retriever_load=str(tmp_path / "ict.pt"))
+        separate = task.build_models()["biencoder"]
+        task.close()
+        want = shared.query_tower.state_dict()
+        for tower in (separate.query_tower, separate.context_tower):
+            got = tower.state_dict()
+            assert all(torch.equal(got[k], want[k]) for k in want if torch.is_tensor(want[k]))
+    finally:
+        initialize.shutdown()

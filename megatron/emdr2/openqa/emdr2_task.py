@@ -95,8 +95,12 @@ class OpenQATask:
             freeze_query=self.qa.freeze_query_tower, freeze_context=self.qa.freeze_context_tower)
         reader = builders.build_reader(self.qa.reader, self.tok.vocab_size, self.tok.real_vocab_size, p, tp)
         if self.qa.retriever_load:
-            builders.load_into(biencoder, builders.load_model_state(self.qa.retriever_load, "biencoder"),
-                               self.qa.retriever_load)
+            state = builders.load_model_state(self.qa.retriever_load, "biencoder")
+            if not self.qa.shared_towers and not any(k.startswith("context_tower.") for k in state):
+                # a shared-tower retriever (e.g. ICT) starts both of our separate towers
+                state = {**state, **{"context_tower." + k[len("query_tower."):]: v
+                                     for k, v in state.items() if k.startswith("query_tower.")}}
+            builders.load_into(biencoder, state, self.qa.retriever_load)
         elif self.qa.retriever_bert_load:
             tower = builders.load_bert_tower_state(self.qa.retriever_bert_load, self.qa.retriever.num_layers,
                                                    self.qa.retriever.seq_length)
