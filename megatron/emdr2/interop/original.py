@@ -566,9 +566,14 @@ def convert_original(ckpt: OriginalCheckpoint, num_heads: Optional[int] = None,
 
 
 def _model_size(s: OriginalShape, heads: int, dropout: dict, eps: float) -> dict:
-    return {"num_layers": s.encoder_layers, "hidden_size": s.hidden, "num_attention_heads": int(heads),
-            "ffn_hidden_size": None if s.ffn == 4 * s.hidden else s.ffn,
-            "seq_length": s.positions, "layernorm_epsilon": eps, **dropout}
+    from dataclasses import asdict
+
+    from megatron.emdr2.config import ModelSize
+
+    # every ModelSize field, so that the checkpoint says exactly what to build (pre-LN, no copy head)
+    return asdict(ModelSize(num_layers=s.encoder_layers, hidden_size=s.hidden, num_attention_heads=int(heads),
+                            ffn_hidden_size=None if s.ffn == 4 * s.hidden else s.ffn,
+                            seq_length=s.positions, layernorm_epsilon=eps, **dropout))
 
 
 def fill_state(module: torch.nn.Module, canonical: Mapping[str, Tensor], what: str) -> Dict[str, Any]:
