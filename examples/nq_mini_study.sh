@@ -5,13 +5,14 @@
 #   1. ICT: a 2-layer retriever from MiniLM's first 2 layers            -> "ICT retriever"
 #   2. reader pre-training: FiD (MiniLM encoder, fresh decoder, copy head) on nq-mini train with
 #      the frozen 6-layer MiniLM retriever                                -> "reader R0"
-#   3. EMDR² vs the frozen-retriever FiD baseline, both from (ICT retriever, R0), same steps
-#      (EMDR² trains the query tower; the passage tower and its index stay as ICT left them)
+#   3. EMDR² (shared tower, index refreshed every 100 steps) vs the frozen-retriever FiD baseline,
+#      both from (ICT retriever, R0), same steps
 #   4. MSS from (MiniLM retriever, MiniLM-encoder reader): held-out masked EM and source-related
 #      recall at initialisation and after; then EMDR² from the MSS checkpoints vs EMDR² from the
 #      MSS run's initialisation (fresh decoder), same steps
 #   5. every model evaluated on all 422 dev questions, and a table
-# Everything goes to a new directory runs/study-<time> (RUN=<dir> to choose).
+# Everything goes to a new directory runs/study-<time> (RUN=<dir> to choose). The numbers it gave
+# are in docs/nq_mini_study.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,7 +33,7 @@ TOWER=(--retriever-hidden-size 384 --retriever-num-attention-heads 12 --retrieve
        --retriever-seq-length 256 --retriever-hidden-dropout 0.1 --retriever-attention-dropout 0.1
        --query-max-len 48 --context-max-len 160)
 MINILM_RETRIEVER=(--retriever-num-layers 6 "${TOWER[@]}" --freeze-context-tower --retriever-bert-load "$MINILM")
-ICT_RETRIEVER=(--retriever-num-layers 2 "${TOWER[@]}" --freeze-context-tower --retriever-load "$RUN/ict")
+ICT_RETRIEVER=(--retriever-num-layers 2 "${TOWER[@]}" --shared-towers --retriever-load "$RUN/ict")
 READER=(--reader-num-layers 3 --reader-decoder-num-layers 2 --reader-hidden-size 384 --reader-num-attention-heads 12
         --reader-ffn-hidden-size 1536 --reader-seq-length 256 --reader-hidden-dropout 0.1 --reader-attention-dropout 0
         --reader-max-len 192 --answer-max-len 16 --reader-copy-head)
