@@ -269,12 +269,18 @@ def test_evaluate_command_loads_the_converted_checkpoint(converted, tmp_path):
         [sys.executable, "-m", "tasks.openqa.evaluate", "--load", str(converted[1] / "ours"),
          "--index-dir", str(tmp_path / "index"), "--evidence", str(small_evidence(tmp_path, 200)),
          "--eval-max-questions", "3", "--top-k", "2", "--context-max-len", "24", "--reader-max-len", "24",
-         "--query-max-len", "16", "--answer-max-len", "6", "--metrics-out", str(tmp_path / "m.json")],
+         "--query-max-len", "16", "--answer-max-len", "6", "--no-repeat-ngram-size", "2",
+         "--metrics-out", str(tmp_path / "m.json")],
         cwd=ROOT, env=e, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     import json
 
     assert json.loads((tmp_path / "m.json").read_text())["questions"] == 3
+    bad = subprocess.run([sys.executable, "-m", "tasks.openqa.evaluate", "--load", str(converted[1] / "ours"),
+                          "--index-dir", str(tmp_path / "index"), "--no-repeat-ngram-size", "-1"],
+                         cwd=ROOT, env=e, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--no-repeat-ngram-size must be >= 0" in bad.stderr, bad.stderr[-2000:]
+    assert bad.stderr.strip().count("\n") == 0
 
 
 def test_checkpoint_version_decides_the_row_order(tmp_path, ours):

@@ -118,3 +118,17 @@ def test_copy_head_trains_and_refuses_what_it_cannot_do():
         reader.token_nll(states, memory_mask, dec, labels)
     with pytest.raises(ConversionError, match="copy head"):
         megatron_to_hf_t5(reader.state_dict(), 4)
+
+
+def test_repeated_ngram_mask_bans_exactly_the_completing_tokens():
+    from megatron.emdr2.models.generation import repeated_ngram_mask
+
+    seqs = torch.tensor([[5, 6, 5, 7, 5], [1, 2, 3, 4, 2]])
+    one = repeated_ngram_mask(seqs, 1, 10)
+    assert one[0].nonzero().flatten().tolist() == [5, 6, 7] and one[1].nonzero().flatten().tolist() == [1, 2, 3, 4]
+    two = repeated_ngram_mask(seqs, 2, 10)  # after "5": 6 and 7 followed 5 before; after "2": 3
+    assert two[0].nonzero().flatten().tolist() == [6, 7] and two[1].nonzero().flatten().tolist() == [3]
+    three = repeated_ngram_mask(seqs, 3, 10)  # (7, 5) never seen before; (4, 2) neither
+    assert three is not None and not three.any()
+    assert repeated_ngram_mask(seqs[:, :1], 2, 10) is None  # too short to complete any bigram
+

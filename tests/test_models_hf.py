@@ -84,14 +84,20 @@ def _until_eos(seqs: torch.Tensor, eos: int = 1) -> list:
 
 
 def _assert_same_decoding(hf, reader, ids, mask) -> int:
-    """Greedy and 3-beam search give HF's tokens; returns how many stopped before the end."""
+    """Greedy and 3-beam search give HF's tokens, also with HF's ``no_repeat_ngram_size``;
+    returns how many stopped before the end."""
     early = 0
     for beams in (1, 3):
-        ref = hf.generate(input_ids=ids[:, 0], attention_mask=mask[:, 0], max_new_tokens=8,
-                          num_beams=beams, do_sample=False, use_cache=False)[:, 1:]
-        ours = reader.generate(ids, mask, max_length=8, num_beams=beams, bos_id=0, eos_id=1)
-        assert _until_eos(ours) == _until_eos(ref), (beams, ours, ref)
-        early += sum(len(r) < 8 for r in _until_eos(ref))
+        for ngram in (0, 1, 2):
+            ref = hf.generate(input_ids=ids[:, 0], attention_mask=mask[:, 0], max_new_tokens=8,
+                              num_beams=beams, do_sample=False, use_cache=False,
+                              no_repeat_ngram_size=ngram)[:, 1:]
+            ours = reader.generate(ids, mask, max_length=8, num_beams=beams, bos_id=0, eos_id=1,
+                                   no_repeat_ngram_size=ngram)
+            assert _until_eos(ours) == _until_eos(ref), (beams, ngram, ours, ref)
+            if ngram == 1:
+                assert all(len(set(r)) == len(r) for r in _until_eos(ours))
+            early += ngram == 0 and sum(len(r) < 8 for r in _until_eos(ref))
     return early
 
 

@@ -145,3 +145,27 @@ def test_held_out_split_is_at_a_passage_boundary(sentence_file):
     assert list(dev) == [5, 6]
     with pytest.raises(ValueError, match="belong to one passage"):
         split_tail(sentence_file, 1)  # a cut inside the last passage leaves nothing held out
+
+
+def test_min_entity_passages_masks_only_entities_found_elsewhere(tmp_path, toks):
+    from megatron.emdr2.data.mss import entity_passage_counts
+
+    rows = [(1, "Zorg met Lafayette in Paris.", ["Zorg", "Lafayette", "Paris"]),
+            (1, "Zorg stayed.", ["Zorg"]),  # named in one passage only: never masked
+            (2, "The Paris treaty was signed.", ["Paris"]),
+            (3, "Lafayette sailed home.", ["Lafayette"]),
+            (3, "Quux was there.", ["Quux"])]
+    path = tmp_path / "s.jsonl"
+    path.write_text("\n".join(
+        make_record(d, t, [Entity(e, "PERSON", t.index(e), t.index(e) + len(e)) for e in ents], toks[0]).to_json()
+        for d, t, ents in rows) + "\n")
+    sentences = SentenceFile(path)
+    counts = entity_passage_counts(sentences)
+    assert counts == {"zorg": 1, "lafayette": 2, "paris": 2, "quux": 1}
+    ds = MSSDataset(sentences, seed=1, min_entity_passages=2)
+    assert list(ds.rows) == [0, 2, 3]  # sentences left without a maskable entity are dropped
+    seen = {ds.example(i, epoch).spans[0] for i in range(len(ds)) for epoch in range(8)}
+    assert seen == {"Lafayette", "Paris"}
+    assert {ex.doc_id for ex in ds.examples()} == {1, 2, 3}
+    with pytest.raises(DataError, match="no sentence has an entity named in at least 4 passages"):
+        MSSDataset(sentences, min_entity_passages=4)

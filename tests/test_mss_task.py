@@ -118,7 +118,7 @@ def test_mss_command_then_emdr2_from_its_checkpoint(tmp_path):
         e = dict(env(), MASTER_PORT=str(free_port()))  # other jobs may hold the default port
         return subprocess.run([sys.executable, "-m", module, *flags], cwd=ROOT, env=e, capture_output=True,
                               text=True, timeout=300)
-    res = run("tasks.openqa.mss", _mss_flags(tmp_path, evidence, 4))
+    res = run("tasks.openqa.mss", [*_mss_flags(tmp_path, evidence, 4), "--mss-min-entity-passages", "2"])
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     train = records(tmp_path / "mss.jsonl")
     assert [r["iteration"] for r in train] == [1, 2, 3, 4] and max(r["index_step"] for r in train) >= 2
@@ -126,6 +126,11 @@ def test_mss_command_then_emdr2_from_its_checkpoint(tmp_path):
     assert {"em", "top1", "top5", "top20"} <= set(ev) and ev["questions"] > 0
     preds = [json.loads(l) for l in (tmp_path / "pred.jsonl").read_text().splitlines()]
     assert all(p["question"].count("<extra_id_0>") == 1 and "<extra_id_1>" not in p["question"] for p in preds)
+    from megatron.emdr2.data.answers import normalize_answer
+    from megatron.emdr2.data.mss import SentenceFile, entity_passage_counts
+
+    counts = entity_passage_counts(SentenceFile(SENTENCES))  # only entities named in 2+ passages
+    assert all(counts[normalize_answer(p["answers"][0])] >= 2 for p in preds)
     from megatron.emdr2.openqa.builders import load_checkpoint_meta
 
     meta = load_checkpoint_meta(str(tmp_path / "mss"))

@@ -48,6 +48,7 @@ def main(argv=None):
     for flag, path in [("--load", args.load), ("--questions-file", args.questions_file)]:
         if path and not os.path.exists(path):
             fail(f"{flag} {path}: no such file or directory", "answer")
+    common.check_decoding_args(args, "answer")
     from megatron.emdr2.initialize import shutdown
     from megatron.emdr2.openqa.evaluation import predict_batch
     from megatron.emdr2.training.launch import _user_errors

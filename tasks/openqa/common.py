@@ -76,6 +76,9 @@ def add_openqa_args(parser: argparse.ArgumentParser, retriever: ModelSize = RETR
     g.add_argument("--eval-max-questions", type=int, default=None)
     g.add_argument("--eval-batch-size", type=int, default=8)
     g.add_argument("--num-beams", type=int, default=1)
+    g.add_argument("--no-repeat-ngram-size", type=int, default=0,
+                   help="decoding never repeats an n-gram of this size (0: off); 2 stops an "
+                        "undertrained reader's 'the the the ...' loops")
     g.add_argument("--predictions-file", default=None,
                    help="JSON lines of dev predictions ({iteration} is replaced)")
 
@@ -134,9 +137,17 @@ def openqa_paths(args) -> list[tuple[str, str]]:
             ("--reader-bert-load", getattr(args, "reader_bert_load", None))]
 
 
+def check_decoding_args(args, prog: str) -> None:
+    if args.num_beams < 1:
+        fail("--num-beams must be >= 1", prog)
+    if args.no_repeat_ngram_size < 0:
+        fail("--no-repeat-ngram-size must be >= 0 (0: off)", prog)
+
+
 def check_openqa_args(args, cfg: TrainingConfig, prog: str) -> None:
     if args.top_k < 1:
         fail("--top-k must be >= 1", prog)
+    check_decoding_args(args, prog)
     for flag, value in (("--retriever-lr-mult", args.retriever_lr_mult),
                         ("--reader-encoder-lr-mult", args.reader_encoder_lr_mult)):
         if value <= 0:
@@ -177,7 +188,8 @@ def qa_config(args):
         query_max_len=args.query_max_len, context_max_len=args.context_max_len,
         reader_max_len=args.reader_max_len, answer_max_len=args.answer_max_len,
         eval_max_questions=args.eval_max_questions, eval_batch_size=args.eval_batch_size,
-        num_beams=args.num_beams, predictions_file=args.predictions_file)
+        num_beams=args.num_beams, no_repeat_ngram_size=getattr(args, "no_repeat_ngram_size", 0),
+        predictions_file=args.predictions_file)
 
 
 def refresh_config(args):

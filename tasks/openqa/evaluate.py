@@ -28,6 +28,7 @@ def main(argv=None):
     for flag, path in [("--load", args.load), ("--qa-file", args.qa_file), ("--evidence", args.evidence)]:
         if not os.path.exists(path):
             fail(f"{flag} {path}: no such file or directory", "evaluate")
+    common.check_decoding_args(args, "evaluate")
     common.setup_logging()
     from megatron.emdr2.data.qa import load_qa
     from megatron.emdr2.initialize import shutdown

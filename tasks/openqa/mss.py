@@ -45,19 +45,25 @@ def build_parser() -> ArgumentParser:
                    help="mask 1..N entities per training sentence (held-out sentences: always 1)")
     g.add_argument("--mss-entity-types", default=None,
                    help="comma-separated OntoNotes types to mask (default: all), e.g. PERSON,ORG,GPE,DATE")
+    g.add_argument("--mss-min-entity-passages", type=int, default=1,
+                   help="mask only entities the annotations name in at least this many passages "
+                        "(2: somewhere besides the source, which retrieval skips; training and "
+                        "held-out sentences alike)")
     return parser
 
 
 def check_mss_args(args, parser) -> None:
     if args.mss_max_spans < 1:
         fail("--mss-max-spans must be >= 1", parser.prog)
+    if args.mss_min_entity_passages < 1:
+        fail("--mss-min-entity-passages must be >= 1", parser.prog)
     if args.mss_dev_data is None and args.mss_dev_sentences < 1:
         fail("--mss-dev-sentences must be >= 1 (or give --mss-dev-data)", parser.prog)
 
 
 def mss_datasets(args, seed: int):
     """(training dataset, held-out examples) from the flags."""
-    from megatron.emdr2.data.mss import MSSDataset, SentenceFile, split_tail
+    from megatron.emdr2.data.mss import MSSDataset, SentenceFile, entity_passage_counts, split_tail
     from megatron.emdr2.openqa.mss_task import masked_dev_examples
 
     types = [t.strip() for t in args.mss_entity_types.split(",") if t.strip()] if args.mss_entity_types else None
@@ -70,8 +76,14 @@ def mss_datasets(args, seed: int):
         except ValueError as e:
             fail(f"--mss-dev-sentences: {e}")
         dev_file = sentences
-    train = MSSDataset(sentences, train_rows, seed=seed, max_spans=args.mss_max_spans, entity_types=types)
-    dev = MSSDataset(dev_file, dev_rows, seed=seed, max_spans=1, entity_types=types)
+    n = args.mss_min_entity_passages
+    counts = None
+    if n > 1:
+        counts = entity_passage_counts(*{id(f): f for f in (sentences, dev_file)}.values())
+    train = MSSDataset(sentences, train_rows, seed=seed, max_spans=args.mss_max_spans, entity_types=types,
+                       min_entity_passages=n, passage_counts=counts)
+    dev = MSSDataset(dev_file, dev_rows, seed=seed, max_spans=1, entity_types=types,
+                     min_entity_passages=n, passage_counts=counts)
     return train, masked_dev_examples(dev, args.eval_max_questions)
 
 

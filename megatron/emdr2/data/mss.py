@@ -12,7 +12,11 @@ An example is one annotated sentence (``ner.py`` layout) with some of its entiti
   doc_id    the passage the sentence comes from: retrieval must skip it.
 
 Which entities are masked is drawn from (seed, epoch, index) alone: 1..max_spans of them (the
-paper masks salient spans; default one per sentence, as REALM). Spans are located by their
+paper masks salient spans; default one per sentence, as REALM). ``min_entity_passages`` N > 1
+keeps only entities that the annotations find in at least N passages: retrieval skips the source
+passage, so an entity named nowhere else cannot be recovered from the evidence and teaches the
+reader only priors (on nq-mini's 3.6k passages, about half of the entities; for the rest, the
+entity is among the top-4 retrieved passages twice as often). Spans are located by their
 character offsets (``sent_text[start:end] == text``), falling back to the first occurrence of the
 entity's text: offsets do not depend on any WordPiece convention.
 
@@ -29,6 +33,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from .answers import normalize_answer
 from .errors import DataError
 from .inputs import pad_rows
 from .ner import SentenceRecord, parse_record
@@ -117,15 +122,32 @@ def split_tail(sentences: SentenceFile, n_dev: int) -> tuple[np.ndarray, np.ndar
 
 
 # ---------------------------------------------------------------------------- masking
-def usable_spans(rec: SentenceRecord, entity_types: Optional[set[str]] = None) -> list[tuple[int, int, str]]:
+def entity_passage_counts(*files: SentenceFile) -> dict[str, int]:
+    """Normalised entity text -> how many distinct passages the files' annotations name it in
+    (one pass; for the 20M-sentence release, minutes and a dictionary of its distinct entities)."""
+    passages: dict[str, set[int]] = {}
+    for sentences in files:
+        for i in range(len(sentences)):
+            rec = sentences.record(i)
+            for e in rec.entities:
+                passages.setdefault(normalize_answer(e.text), set()).add(rec.doc_id)
+    return {text: len(ids) for text, ids in passages.items()}
+
+
+def usable_spans(rec: SentenceRecord, entity_types: Optional[set[str]] = None,
+                 passage_counts: Optional[dict[str, int]] = None, min_passages: int = 1
+                 ) -> list[tuple[int, int, str]]:
     """Character spans (start, end, text) of the record's entities that can be masked: located in
-    the sentence, of an allowed type, not overlapping an earlier one."""
+    the sentence, of an allowed type, named in at least ``min_passages`` passages (by
+    ``passage_counts``), not overlapping an earlier one."""
     text = rec.sent_text
     if SENTINEL_RE.search(text):
         return []  # a literal placeholder in the text would be read as a mask
     spans = []
     for e in rec.entities:
         if entity_types is not None and e.type not in entity_types:
+            continue
+        if min_passages > 1 and passage_counts.get(normalize_answer(e.text), 0) < min_passages:
             continue
         start, end = e.start, e.end
         if text[start:end] != e.text:
@@ -161,13 +183,29 @@ class MSSDataset:
     deterministic in (seed, epoch, i)."""
 
     def __init__(self, sentences: SentenceFile, rows: Optional[np.ndarray] = None, seed: int = 1234,
-                 max_spans: int = 1, entity_types: Optional[Sequence[str]] = None):
+                 max_spans: int = 1, entity_types: Optional[Sequence[str]] = None,
+                 min_entity_passages: int = 1, passage_counts: Optional[dict[str, int]] = None):
         if max_spans < 1:
             raise ValueError(f"max_spans must be >= 1, got {max_spans}")
+        if min_entity_passages < 1:
+            raise ValueError(f"min_entity_passages must be >= 1, got {min_entity_passages}")
         self.sentences = sentences
         self.rows = np.arange(len(sentences), dtype=np.int64) if rows is None else np.asarray(rows, np.int64)
         self.seed, self.max_spans = seed, max_spans
         self.entity_types = set(entity_types) if entity_types else None
+        self.min_entity_passages = min_entity_passages
+        self.passage_counts = passage_counts
+        if min_entity_passages > 1:
+            if self.passage_counts is None:
+                self.passage_counts = entity_passage_counts(sentences)
+            # Only sentences left with a maskable entity (a pass over the rows, once).
+            self.rows = self.rows[[bool(self._spans(sentences.record(int(r)))) for r in self.rows]]
+            if not len(self.rows):
+                raise DataError(sentences.path, None, f"no sentence has an entity named in at least "
+                                                      f"{min_entity_passages} passages")
+
+    def _spans(self, rec: SentenceRecord) -> list[tuple[int, int, str]]:
+        return usable_spans(rec, self.entity_types, self.passage_counts, self.min_entity_passages)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -178,7 +216,7 @@ class MSSDataset:
         for step in range(min(MAX_FALLBACK, len(self.rows))):
             row = int(self.rows[(index + step) % len(self.rows)])
             rec = self.sentences.record(row)
-            spans = usable_spans(rec, self.entity_types)
+            spans = self._spans(rec)
             if spans:
                 rng = np.random.default_rng([self.seed, epoch, index])
                 n = int(rng.integers(1, min(self.max_spans, len(spans)) + 1))

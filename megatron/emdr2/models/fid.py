@@ -315,10 +315,11 @@ class FiDReader(T5Model):
     # ---------------------------------------------------------------- decoding
     def generate(self, input_ids: Tensor, mask: Tensor, max_length: int, num_beams: int = 1,
                  bos_id: int = 0, eos_id: int = 1, pad_id: Optional[int] = None,
-                 length_penalty: float = 1.0) -> Tensor:
+                 length_penalty: float = 1.0, no_repeat_ngram_size: int = 0) -> Tensor:
         """Greedy (num_beams=1) or beam search with a key/value cache; the FiD memory is
         encoded once. input_ids, mask [B, K, S] -> generated ids [B, <=max_length] (without
-        the start token; after eos, pad_id, which defaults to bos_id as in T5)."""
+        the start token; after eos, pad_id, which defaults to bos_id as in T5). With
+        ``no_repeat_ngram_size`` n > 0, no n-gram occurs twice in an output."""
         from megatron.emdr2.models import generation
 
         pad_id = bos_id if pad_id is None else pad_id
@@ -329,7 +330,8 @@ class FiDReader(T5Model):
                 states, memory_mask = self.encode(input_ids, mask)
                 memory_ids = input_ids.reshape(memory_mask.shape) if self.copy_head is not None else None
                 return generation.generate(self, states, memory_mask, max_length, num_beams,
-                                           bos_id, eos_id, pad_id, length_penalty, memory_ids)
+                                           bos_id, eos_id, pad_id, length_penalty, memory_ids,
+                                           no_repeat_ngram_size)
         finally:
             self.train(was_training)
 

@@ -119,15 +119,44 @@ def next_token_log_probs(reader, cache: DecoderCache, tokens: Tensor, position: 
     return reader.copy_head.mix_full(logits, hidden, keys, mask, ids)[0]
 
 
+def repeated_ngram_mask(seqs: Tensor, n: int, vocab_size: int) -> Optional[Tensor]:
+    """[N, V] True where a token would complete an n-gram that ``seqs`` [N, t] already holds
+    (Hugging Face's ``no_repeat_ngram_size``); None when nothing is banned.
+
+    An undertrained decoder falls into loops ("the the the ...") that never reach eos; gold
+    answers almost never repeat a bigram (0.2% of nq-mini's training answers), so banning
+    repeats costs little and turns a loop into an attempt at the answer."""
+    N, t = seqs.shape
+    if n < 1 or t < n - 1 or (n > 1 and t < n):
+        return None
+    banned = torch.zeros(N, vocab_size, dtype=torch.bool, device=seqs.device)
+    if n == 1:
+        return banned.scatter_(1, seqs, True)
+    prefix = seqs[:, t - n + 1:]  # the last n-1 tokens
+    windows = seqs.unfold(1, n, 1)  # [N, t-n+1, n]: every n-gram so far
+    hit = (windows[:, :, :-1] == prefix[:, None, :]).all(-1)  # [N, t-n+1]
+    rows, cols = hit.nonzero(as_tuple=True)
+    banned[rows, windows[rows, cols, -1]] = True
+    return banned
+
+
+def _ban(logp: Tensor, history: Tensor, no_repeat_ngram_size: int) -> Tensor:
+    banned = repeated_ngram_mask(history, no_repeat_ngram_size, logp.size(-1)) if no_repeat_ngram_size else None
+    return logp if banned is None else logp.masked_fill(banned, float("-inf"))
+
+
 def greedy(reader, states: Tensor, mask: Tensor, max_length: int, bos_id: int, eos_id: int,
-           pad_id: int, memory_ids: Optional[Tensor] = None) -> Tensor:
+           pad_id: int, memory_ids: Optional[Tensor] = None, no_repeat_ngram_size: int = 0) -> Tensor:
     n = states.size(0)
     cache = DecoderCache(reader, states, mask, max_length, memory_ids)
-    tokens = torch.full((n,), bos_id, dtype=torch.long, device=states.device)
+    tokens = start = torch.full((n,), bos_id, dtype=torch.long, device=states.device)
     done = torch.zeros(n, dtype=torch.bool, device=states.device)
     out = []
     for t in range(max_length):
-        nxt = next_token_log_probs(reader, cache, tokens, t).argmax(-1)
+        logp = next_token_log_probs(reader, cache, tokens, t)
+        if no_repeat_ngram_size:  # the start token counts as generated, as in Hugging Face
+            logp = _ban(logp, torch.stack([start, *out], dim=1), no_repeat_ngram_size)
+        nxt = logp.argmax(-1)
         nxt = nxt.masked_fill(done, pad_id)
         out.append(nxt)
         done |= nxt == eos_id
@@ -139,7 +168,7 @@ def greedy(reader, states: Tensor, mask: Tensor, max_length: int, bos_id: int, e
 
 def beam_search(reader, states: Tensor, mask: Tensor, max_length: int, num_beams: int,
                 bos_id: int, eos_id: int, pad_id: int, length_penalty: float = 1.0,
-                memory_ids: Optional[Tensor] = None) -> Tensor:
+                memory_ids: Optional[Tensor] = None, no_repeat_ngram_size: int = 0) -> Tensor:
     """Beam search with Hugging Face's default semantics (``early_stopping=False``).
 
     Each step keeps the 2N best continuations of the N beams; among them, those ending in eos
@@ -165,6 +194,9 @@ def beam_search(reader, states: Tensor, mask: Tensor, max_length: int, num_beams
     tokens = torch.full((B * N,), bos_id, dtype=torch.long, device=dev)
     for t in range(max_length):
         logp = next_token_log_probs(reader, cache, tokens, t)
+        if no_repeat_ngram_size:
+            history = torch.cat([tokens.new_full((B * N, 1), bos_id), run_seqs[:, :, :t].reshape(B * N, t)], 1)
+            logp = _ban(logp, history, no_repeat_ngram_size)
         V = logp.size(-1)
         acc = (logp.view(B, N, V) + run_scores[:, :, None]).view(B, N * V)
         top, idx = acc.topk(2 * N, dim=1)
@@ -205,12 +237,15 @@ def beam_search(reader, states: Tensor, mask: Tensor, max_length: int, num_beams
 
 def generate(reader, states: Tensor, mask: Tensor, max_length: int, num_beams: int,
              bos_id: int, eos_id: int, pad_id: int, length_penalty: float = 1.0,
-             memory_ids: Optional[Tensor] = None) -> Tensor:
+             memory_ids: Optional[Tensor] = None, no_repeat_ngram_size: int = 0) -> Tensor:
     if max_length < 1:
         raise ValueError(f"max_length must be >= 1, got {max_length}")
     if num_beams < 1:
         raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+    if no_repeat_ngram_size < 0:
+        raise ValueError(f"no_repeat_ngram_size must be >= 0, got {no_repeat_ngram_size}")
     if num_beams == 1:
-        return greedy(reader, states, mask, max_length, bos_id, eos_id, pad_id, memory_ids)
+        return greedy(reader, states, mask, max_length, bos_id, eos_id, pad_id, memory_ids,
+                      no_repeat_ngram_size)
     return beam_search(reader, states, mask, max_length, num_beams, bos_id, eos_id, pad_id,
-                       length_penalty, memory_ids)
+                       length_penalty, memory_ids, no_repeat_ngram_size)

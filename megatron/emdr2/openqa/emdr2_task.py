@@ -58,6 +58,7 @@ class OpenQAConfig:
     eval_max_questions: Optional[int] = None
     eval_batch_size: int = 8
     num_beams: int = 1
+    no_repeat_ngram_size: int = 0
     predictions_file: Optional[str] = None
 
 

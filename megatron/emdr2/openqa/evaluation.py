@@ -54,7 +54,8 @@ def predict_batch(task, models, examples: Sequence, k_search: int, passages_in_o
     reader_passages = [ps[:K] for ps in passages]
     r_ids, r_mask = task.reader_inputs(batch.questions, reader_passages)
     generated = reader.generate(r_ids, r_mask, max_length=qa.answer_max_len, num_beams=qa.num_beams,
-                                bos_id=task.tok.bos_id, eos_id=task.tok.eos_id, pad_id=task.tok.pad_id)
+                                bos_id=task.tok.bos_id, eos_id=task.tok.eos_id, pad_id=task.tok.pad_id,
+                                no_repeat_ngram_size=qa.no_repeat_ngram_size)
     q_emb = biencoder.embed_queries(batch.query_ids, batch.query_mask)
     c_ids, c_mask = encode_context(task.rtok, [p for ps in reader_passages for p in ps],
                                    qa.context_max_len, pad_to="longest")
