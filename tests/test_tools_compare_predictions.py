@@ -1,0 +1,54 @@
+"""tools/compare_predictions.py: paired exact-match counts and McNemar's exact p-value, on the
+prediction files the evaluation writes; mismatched or malformed files are named in one line."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tools.compare_predictions import compare, main, mcnemar_exact_p, read_predictions  # noqa: E402
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps({"question": q, "prediction": "x", "em": em}) + "\n" for q, em in rows))
+    return str(path)
+
+
+def test_paired_counts_and_exact_p(tmp_path):
+    qs = [f"q{i}" for i in range(10)]
+    a = _write(tmp_path / "a.jsonl", [(q, i < 6) for i, q in enumerate(qs)])   # right on q0..q5
+    b = _write(tmp_path / "b.jsonl", [(q, 4 <= i < 7) for i, q in enumerate(qs)])  # right on q4..q6
+    r = compare(read_predictions(a), read_predictions(b), a, b)
+    assert (r["both"], r["only_a"], r["only_b"]) == (2, 4, 1)
+    assert r["em_a"] == pytest.approx(0.6) and r["em_b"] == pytest.approx(0.3)
+    # 5 discordant questions split 4:1 -> 2 * P(X <= 1), X ~ Bin(5, 1/2) = 2 * 6/32
+    assert r["p_value"] == pytest.approx(12 / 32)
+    assert mcnemar_exact_p(0, 0) == 1.0 and mcnemar_exact_p(3, 3) == 1.0
+    assert mcnemar_exact_p(0, 12) == pytest.approx(2 / 2 ** 12)
+    assert mcnemar_exact_p(20, 12) == pytest.approx(2 * sum(math.comb(32, i) for i in range(13)) / 2 ** 32)
+
+
+def test_command_line_and_bad_input(tmp_path, capsys):
+    a = _write(tmp_path / "a.jsonl", [("who", True), ("what", False)])
+    b = _write(tmp_path / "b.jsonl", [("who", False), ("what", False)])
+    assert main([a, b, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["only_a"] == 1
+    other = _write(tmp_path / "c.jsonl", [("who", True), ("where", False)])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "who", "em": True}) + "\n{not json\n")
+    no_em = _write(tmp_path / "noem.jsonl", [("who", True)])
+    Path(no_em).write_text(json.dumps({"question": "who", "prediction": "x"}) + "\n")
+    for args, message in (([a, other], "record 2 differs"),
+                          ([a, str(bad)], "bad.jsonl:2: not JSON"),
+                          ([a, no_em], "noem.jsonl:1: needs"),
+                          ([a, str(tmp_path / "none.jsonl")], "none.jsonl: No such file")):
+        proc = subprocess.run([sys.executable, "tools/compare_predictions.py", *args], cwd=ROOT,
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode != 0 and message in proc.stderr, proc.stderr
+        assert proc.stderr.strip().count("\n") == 0
