@@ -84,6 +84,27 @@ def test_dpr_from_ict_with_dense_negatives_remined_each_epoch(ict_run, data):
     assert records(save / "metrics.jsonl", kind="eval")[-1]["iteration"] == 3
 
 
+def test_dpr_keeps_the_layout_of_the_checkpoint_it_continues(ict_run, data):
+    """A post-LN retriever (warm-started from BERT) continued without --retriever-post-layernorm
+    stays post-LN; asking for post-LN on a pre-LN checkpoint is refused in one line."""
+    post = data["dir"] / "ict-post-ln"
+    common = [*TINY, "--evidence", str(data["evidence"]), "--dev-data", "", "--global-batch-size", "8",
+              "--micro-batch-size", "8", "--train-iters", "1"]
+    proc = _run("tasks.openqa.ict", [*common, "--retriever-post-layernorm", "--save", str(post)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((post / "retriever_config.json").read_text())["post_layernorm"] is True
+    dpr = data["dir"] / "dpr-from-post-ln"
+    proc = _run("tasks.openqa.dpr", [*common, "--train-data", str(data["train"]), "--retriever-load", str(post),
+                                     "--save", str(dpr)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((dpr / "retriever_config.json").read_text())["post_layernorm"] is True
+    assert json.loads((ict_run / "retriever_config.json").read_text())["post_layernorm"] is False
+    bad = _run("tasks.openqa.dpr", [*common, "--train-data", str(data["train"]), "--retriever-load", str(ict_run),
+                                    "--retriever-post-layernorm"], timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0, bad.stderr[-2000:]
+    assert "--retriever-post-layernorm contradicts --retriever-load" in bad.stderr
+
+
 def test_bm25_tool_mines_a_file_dpr_reads(data, tmp_path):
     from megatron.emdr2.data.evidence import load_evidence
     from megatron.emdr2.data.qa import load_qa

@@ -95,6 +95,26 @@ def model_sizes(args) -> list[ModelSize]:
 BERT_EPSILON = 1e-12
 
 
+def recorded_retriever_layout(load) -> dict:
+    """{"post_layernorm", "layernorm_epsilon"} that a retriever checkpoint directory was trained
+    with: an EMDR²/MSS checkpoint's meta, or the retriever_config.json an ICT/DPR run writes;
+    {} when neither records it (a .pt file, a directory from elsewhere)."""
+    import json
+
+    from megatron.emdr2.openqa import builders
+
+    if not load or not os.path.isdir(load):
+        return {}
+    config = os.path.join(load, "retriever_config.json")
+    if os.path.exists(config):
+        with open(config) as f:
+            rc = json.load(f)
+        return {"post_layernorm": bool(rc.get("post_layernorm", False)),
+                "layernorm_epsilon": rc.get("layernorm_epsilon")}
+    meta = builders.load_checkpoint_meta(load).get("retriever", {})
+    return {k: meta[k] for k in ("post_layernorm", "layernorm_epsilon") if k in meta}
+
+
 def role_sizes(args) -> dict:
     """The retriever's and reader's ModelSize: the size flags plus the architecture details a
     starting point fixes (BERT warm starts are post-LN; an earlier EMDR²/MSS checkpoint keeps
@@ -118,13 +138,8 @@ def role_sizes(args) -> dict:
             keep = {k: meta[role][k] for k in ("post_layernorm", "layernorm_epsilon", "decoder_num_layers",
                                                 "copy_head") if k in meta[role]}
             sizes[role] = dataclasses.replace(sizes[role], **keep)
-        elif role == "retriever" and load and os.path.exists(os.path.join(load, "retriever_config.json")):
-            import json
-
-            with open(os.path.join(load, "retriever_config.json")) as f:  # an ICT/DPR checkpoint
-                rc = json.load(f)
-            sizes[role] = dataclasses.replace(sizes[role], post_layernorm=bool(rc.get("post_layernorm", False)),
-                                              layernorm_epsilon=rc.get("layernorm_epsilon"))
+        elif role == "retriever" and recorded_retriever_layout(load):  # an ICT/DPR checkpoint
+            sizes[role] = dataclasses.replace(sizes[role], **recorded_retriever_layout(load))
         elif getattr(args, f"{role}_bert_load", None):
             sizes[role] = dataclasses.replace(sizes[role], post_layernorm=True, layernorm_epsilon=BERT_EPSILON)
     return sizes

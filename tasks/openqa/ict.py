@@ -42,7 +42,8 @@ def add_retriever_training_args(parser, query_max_len: int) -> None:
     g.add_argument("--bert-load", default=None,
                    help="one BERT tower copied into both towers (e.g. tools/convert_hf_bert.py import output)")
     g.add_argument("--retriever-post-layernorm", action="store_true",
-                   help="post-LN towers (Hugging Face BERT weights); default pre-LN (Megatron)")
+                   help="post-LN towers (Hugging Face BERT weights); default pre-LN (Megatron), or "
+                        "whatever layout a --retriever-load checkpoint was trained with")
     g.add_argument("--shared-towers", action="store_true", help="one BERT for questions and passages")
     g.add_argument("--query-max-len", type=int, default=query_max_len)
     g.add_argument("--context-max-len", type=int, default=256)
@@ -69,6 +70,19 @@ def check_retriever_args(args, cfg: TrainingConfig, prog: str) -> None:
     size = model_size_from_args(args, "retriever")
     if max(args.query_max_len, args.context_max_len) > size.seq_length:
         fail(f"--query-max-len/--context-max-len exceed --retriever-seq-length {size.seq_length}", prog)
+    # Continuing from a retriever checkpoint keeps the layout it was trained with: a post-LN tower
+    # (warm-started from BERT) rebuilt pre-LN loads without complaint but computes nonsense.
+    from megatron.emdr2.openqa.builders import PretrainedError
+
+    try:
+        recorded = common.recorded_retriever_layout(args.retriever_load).get("post_layernorm")
+    except PretrainedError as e:
+        fail(f"--retriever-load: {e}", prog)
+    if recorded is not None:
+        if args.retriever_post_layernorm and not recorded:
+            fail(f"--retriever-post-layernorm contradicts --retriever-load {args.retriever_load}, "
+                 "which holds a pre-LN retriever; drop the flag", prog)
+        args.retriever_post_layernorm = bool(recorded)
 
 
 def retriever_config(args):
