@@ -63,7 +63,9 @@ def test_index_tools_read_the_ict_checkpoint(ict_run, data, tmp_path):
             "--max-seq-length", "96"]
     assert build_index.main([*ckpt, "--evidence", str(data["evidence"]), "--output", str(tmp_path / "idx"),
                              "--no-progress-bar"]) == 0
-    assert eval_retrieval.main([*ckpt, "--index", str(tmp_path / "idx"), "--evidence", str(data["evidence"]),
+    # without --config the save directory's retriever_config.json is read
+    assert eval_retrieval.main(["--checkpoint", str(ict_run), "--max-seq-length", "96", "--index",
+                                str(tmp_path / "idx"), "--evidence", str(data["evidence"]),
                                 "--qa-file", str(data["dev"]), "--metrics-out", str(tmp_path / "m.json")]) == 0
     assert json.loads((tmp_path / "m.json").read_text())["questions"] == 20
 

@@ -10,7 +10,8 @@ writing its manifest last, then OUTPUT/LATEST. A retriever checkpoint (--checkpo
   * a Hugging Face BERT directory (config.json + model.safetensors or pytorch_model.bin, its
     vocab.txt is used): both towers are that one model, imported with the converter; or
   * a torch file {"model": BiEncoder state dict, "config": {...}} (see RetrieverConfig), or a
-    training checkpoint directory (its "biencoder" model) together with --config FILE.json.
+    training checkpoint directory (its "biencoder" model): the architecture comes from --config
+    FILE.json, else the directory's retriever_config.json (ICT/DPR write it) or its checkpoint meta.
 --random-init keeps the architecture but not the weights (a baseline for evaluations).
 """
 
@@ -119,6 +120,8 @@ def load_retriever(checkpoint: str, config_file: str | None = None, random_init:
     cfg_dict = raw.get("config") if isinstance(raw, dict) else None
     if config_file:
         cfg_dict = json.loads(Path(config_file).read_text())
+    if not cfg_dict and path.is_dir() and (path / "retriever_config.json").exists():  # an ICT/DPR save dir
+        cfg_dict = json.loads((path / "retriever_config.json").read_text())
     if not cfg_dict and path.is_dir():
         cfg_dict = _config_from_meta(str(path), state)
     if not cfg_dict:
