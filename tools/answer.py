@@ -55,11 +55,12 @@ def main(argv=None):
 
     try:
         examples = read_questions(args)
-        task, models = common.load_for_inference(args)
-        records = []
-        for s in range(0, len(examples), args.eval_batch_size):
-            records += predict_batch(task, models, examples[s:s + args.eval_batch_size], task.qa.top_k,
-                                     args.show_passages)
+        with common.inference_autocast(args):
+            task, models = common.load_for_inference(args)
+            records = []
+            for s in range(0, len(examples), args.eval_batch_size):
+                records += predict_batch(task, models, examples[s:s + args.eval_batch_size], task.qa.top_k,
+                                         args.show_passages)
     except _user_errors() as e:
         fail(str(e), "answer")
     finally:

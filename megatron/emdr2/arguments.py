@@ -67,6 +67,13 @@ def model_size_from_args(args: argparse.Namespace, prefix: str) -> ModelSize:
     )
 
 
+def add_autocast_arg(group, default: str = "none") -> None:
+    group.add_argument("--autocast", default=default, choices=["none", "bf16"],
+                       help="bf16: run forward passes under torch.autocast with fp32 weights and "
+                            "optimizer (1.4x faster reader steps and 3-5x faster evidence embedding "
+                            "on CPUs with AMX/AVX512-BF16; on GPUs prefer --bf16)")
+
+
 def add_training_args(parser: argparse.ArgumentParser, defaults: Optional[TrainingConfig] = None) -> None:
     """Flags shared by every task: parallelism, precision, optimiser, schedule, batch, checkpoints, logs."""
     d = defaults or TrainingConfig()
@@ -84,6 +91,7 @@ def add_training_args(parser: argparse.ArgumentParser, defaults: Optional[Traini
                    help=f"one of {', '.join(PRECISIONS)}")
     g.add_argument("--fp16", action="store_const", const="fp16", dest="precision")
     g.add_argument("--bf16", action="store_const", const="bf16", dest="precision")
+    add_autocast_arg(g, d.precision.autocast)
     g.add_argument("--initial-loss-scale", type=float, default=d.precision.initial_loss_scale)
     g.add_argument("--min-loss-scale", type=float, default=d.precision.min_loss_scale)
     g.add_argument("--loss-scale-window", type=int, default=d.precision.loss_scale_window)
@@ -142,7 +150,8 @@ def training_config_from_args(args: argparse.Namespace) -> TrainingConfig:
         parallel=ParallelConfig(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                                 args.use_distributed_optimizer),
         precision=PrecisionConfig(args.precision, args.initial_loss_scale, args.min_loss_scale,
-                                  args.loss_scale_window, args.hysteresis, args.loss_scale),
+                                  args.loss_scale_window, args.hysteresis, args.loss_scale,
+                                  args.autocast),
         optimizer=OptimizerSettings(args.optimizer, args.lr, args.min_lr, args.weight_decay,
                                     args.adam_beta1, args.adam_beta2, args.adam_eps, args.clip_grad),
         schedule=ScheduleConfig(args.train_iters, warmup_fraction, args.lr_warmup_iters,
@@ -163,6 +172,9 @@ def validate(cfg: TrainingConfig, world_size: int, models: Sequence[ModelSize] =
     """
     if cfg.precision.precision not in PRECISIONS:
         raise ConfigError(f"--precision {cfg.precision.precision!r} is not one of {', '.join(PRECISIONS)}")
+    if cfg.precision.autocast != "none" and cfg.precision.precision != "fp32":
+        raise ConfigError(f"--autocast {cfg.precision.autocast} runs fp32 weights in lower precision; "
+                          f"it cannot be combined with --{cfg.precision.precision}")
     tp, pp = cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel
     if tp < 1 or pp < 1:
         raise ConfigError("--tensor-model-parallel-size and --pipeline-model-parallel-size must be >= 1")

@@ -35,6 +35,7 @@ class ModelSize:
     post_layernorm: bool = False
     decoder_num_layers: Optional[int] = None  # the reader's decoder depth (default num_layers)
     copy_head: bool = False  # the reader mixes in a copy distribution (models/copy_head.py)
+    copy_continuation: bool = False  # ... with the span-continuation bias (models/copy_head.py)
 
     @property
     def ffn_size(self) -> int:
@@ -56,6 +57,15 @@ class PrecisionConfig:
     loss_scale_window: int = 1000
     hysteresis: int = 2
     loss_scale: Optional[float] = None  # constant scale instead of dynamic
+    # "bf16": forward passes under torch.autocast with fp32 weights and optimizer (fast bf16
+    # matrix multiplies on CPUs with AMX/AVX512-BF16; see megatron/emdr2/autocast.py).
+    autocast: str = "none"
+
+    @property
+    def autocast_dtype(self) -> Optional[torch.dtype]:
+        from megatron.emdr2.autocast import AUTOCAST_DTYPES
+
+        return AUTOCAST_DTYPES[self.autocast]
 
     @property
     def fp16(self) -> bool:

@@ -44,6 +44,9 @@ def add_openqa_args(parser: argparse.ArgumentParser, retriever: ModelSize = RETR
     g.add_argument("--reader-copy-head", action="store_true",
                    help="mix a copy distribution over the passages' tokens into the reader's output "
                         "(pointer-generator): a fresh decoder learns to answer with spans far sooner")
+    g.add_argument("--reader-copy-continuation", action="store_true",
+                   help="with --reader-copy-head: bias the copy towards the passage token that follows "
+                        "the one just produced, so multi-token answers are copied as spans")
     g.add_argument("--shared-towers", action="store_true", help="one BERT for questions and passages")
     g.add_argument("--freeze-query-tower", action="store_true")
     g.add_argument("--freeze-context-tower", action="store_true",
@@ -131,12 +134,14 @@ def role_sizes(args) -> dict:
         sizes["reader"] = dataclasses.replace(sizes["reader"], decoder_num_layers=args.reader_decoder_num_layers)
     if getattr(args, "reader_copy_head", False):
         sizes["reader"] = dataclasses.replace(sizes["reader"], copy_head=True)
+    if getattr(args, "reader_copy_continuation", False):
+        sizes["reader"] = dataclasses.replace(sizes["reader"], copy_head=True, copy_continuation=True)
     for role in ("retriever", "reader"):
         load = getattr(args, f"{role}_load", None)
         meta = builders.load_checkpoint_meta(load) if load and os.path.isdir(load) else {}
         if role in meta:
             keep = {k: meta[role][k] for k in ("post_layernorm", "layernorm_epsilon", "decoder_num_layers",
-                                                "copy_head") if k in meta[role]}
+                                                "copy_head", "copy_continuation") if k in meta[role]}
             sizes[role] = dataclasses.replace(sizes[role], **keep)
         elif role == "retriever" and recorded_retriever_layout(load):  # an ICT/DPR checkpoint
             sizes[role] = dataclasses.replace(sizes[role], **recorded_retriever_layout(load))
@@ -267,7 +272,11 @@ def indexer_main(args, cfg: TrainingConfig) -> None:
     from megatron.emdr2.openqa.index_refresh import run_indexer
     from megatron.emdr2.openqa.retrieval import build_index
 
+    from megatron.emdr2.autocast import autocast
+    from megatron.emdr2.training.loop import compute_device
+
     rtok, _ = tokenizers(args)
+    device = compute_device()
     evidence = load_evidence(args.evidence)
     size = role_sizes(args)["retriever"]
     biencoder = builders.build_biencoder(size, rtok.vocab_size, cfg.precision.precision, shared=True)
@@ -277,8 +286,9 @@ def indexer_main(args, cfg: TrainingConfig) -> None:
         missing = set(biencoder.query_tower.state_dict()) - set(tower_state)
         if any(not k.endswith("_extra_state") for k in missing):
             raise KeyError(f"context tower weights lack {sorted(missing)[:3]}")
-        build_index(biencoder, rtok, evidence, out_dir, model_step=step, batch_size=args.embed_batch_size,
-                    max_len=args.context_max_len, progress=False)
+        with autocast(device, cfg.precision.autocast_dtype):
+            build_index(biencoder, rtok, evidence, out_dir, model_step=step,
+                        batch_size=args.embed_batch_size, max_len=args.context_max_len, progress=False)
 
     run_indexer(refresh_config(args), embed_version)
 
@@ -294,7 +304,19 @@ def add_inference_args(parser: argparse.ArgumentParser) -> None:
                         help="re-embed the evidence with the checkpoint's context tower even if "
                              "--index-dir already holds an index")
     parser.add_argument("--precision", default="fp32", choices=PRECISIONS)
+    from megatron.emdr2.arguments import add_autocast_arg
+
+    add_autocast_arg(parser)
     parser.add_argument("--seed", type=int, default=1234)
+
+
+def inference_autocast(args):
+    """The --autocast context of evaluate / answer (index build, retrieval and decoding)."""
+    import torch
+
+    from megatron.emdr2.autocast import AUTOCAST_DTYPES, autocast
+
+    return autocast("cuda" if torch.cuda.is_available() else "cpu", AUTOCAST_DTYPES[args.autocast])
 
 
 def load_for_inference(args):

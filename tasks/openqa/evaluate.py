@@ -39,8 +39,9 @@ def main(argv=None):
         examples = load_qa(args.qa_file)
         if args.eval_max_questions:
             examples = examples[: args.eval_max_questions]
-        task, models = common.load_for_inference(args)
-        metrics = evaluate_open_qa(task, models, examples, predictions_file=args.predictions_file)
+        with common.inference_autocast(args):
+            task, models = common.load_for_inference(args)
+            metrics = evaluate_open_qa(task, models, examples, predictions_file=args.predictions_file)
     except _user_errors() as e:
         fail(str(e), "evaluate")
     finally:

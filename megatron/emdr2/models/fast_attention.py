@@ -7,7 +7,7 @@ dropout 0) the result is a plain masked softmax attention, which torch's SDPA co
 fused call, on CPU and GPU alike. Masked keys get a -10000 additive bias, as megatron's
 masked softmax does, so a row with every key masked (an all-padding passage) still yields a
 uniform average instead of NaN. Anything else (dropout in training, packed sequences, CPU
-half precision, where SDPA's accumulation differs) takes the parent's exact path.
+half precision outside autocast, where SDPA's accumulation differs) takes the parent's exact path.
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ _MASKED = -10000.0  # megatron's masked-softmax fill value
 class SdpaAttention(RelativeBiasAttention):
     def _fast_path_ok(self, query: Tensor, packed_seq_params) -> bool:
         dropout_active = self.training and self.attention_dropout.p > 0
-        precise = query.dtype == torch.float32 or query.is_cuda
+        # CPU half precision only when the user asked for it (--autocast): SDPA's accumulation
+        # differs there from megatron's path.
+        precise = query.dtype == torch.float32 or query.is_cuda or torch.is_autocast_enabled("cpu")
         return not dropout_active and packed_seq_params is None and precise
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],

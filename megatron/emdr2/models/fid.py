@@ -67,7 +67,7 @@ class FiDReader(T5Model):
                  share_embeddings_and_output_weights: bool = True,
                  scale_decoder_output: bool = False,
                  real_vocab_size: Optional[int] = None,
-                 copy_head: bool = False):
+                 copy_head: bool = False, copy_continuation: bool = False):
         if position_embedding_type not in ("learned_absolute", "relative"):
             raise ValueError(f"position_embedding_type must be 'learned_absolute' or 'relative', "
                              f"got {position_embedding_type!r}")
@@ -97,7 +97,10 @@ class FiDReader(T5Model):
                                  "use tensor-parallel size 1")
             from megatron.emdr2.models.copy_head import CopyHead
 
-            self.copy_head = CopyHead(config.hidden_size, config.init_method_std).to(config.params_dtype)
+            self.copy_head = CopyHead(config.hidden_size, config.init_method_std,
+                                      continuation=copy_continuation).to(config.params_dtype)
+        elif copy_continuation:
+            raise ValueError("span continuation is part of the copy head: it needs copy_head=True")
 
     def freeze_encoder(self) -> None:
         """Train the decoder only: the encoder and the (shared) embeddings keep their weights,
@@ -221,7 +224,8 @@ class FiDReader(T5Model):
         target = labels.masked_fill(~label_mask, 0).t().contiguous()
         nll = tensor_parallel.vocab_parallel_cross_entropy(logits, target)  # [T, B]
         if self.copy_head is not None:
-            nll = -self.copy_head.mix_gold(-nll, hidden, self.copy_head.keys(states), mask, memory_ids, target)
+            nll = -self.copy_head.mix_gold(-nll, hidden, self.copy_head.keys(states), mask, memory_ids, target,
+                                           decoder_input_ids)
         return nll.t() * label_mask
 
     def loss(self, input_ids: Tensor, mask: Tensor, decoder_input_ids: Tensor, labels: Tensor,
@@ -289,7 +293,7 @@ class FiDReader(T5Model):
                     if self.copy_head is not None:
                         gold = self.copy_head.mix_gold(
                             gold.t(), hidden, self.copy_head.keys(memory[seqs]), memory_mask[seqs],
-                            ids[seqs], tgt[seqs].t()).t() * keep[seqs]
+                            ids[seqs], tgt[seqs].t(), dec[seqs]).t() * keep[seqs]
                     token[seqs] = gold
                 token = token.reshape(B, K, T)
         finally:

@@ -53,6 +53,8 @@ class DecoderCache:
             k, v = tensor_parallel.split_tensor_along_last_dim(kv, 2)
             self.cross_k.append(k.contiguous())
             self.cross_v.append(v.contiguous())
+        # The tokens fed so far [N, t] (the copy head's span continuation looks at the last two).
+        self.fed = torch.zeros(states.size(0), 0, dtype=torch.long, device=states.device)
         self.self_k: List[Optional[Tensor]] = [None] * len(self.cross_k)
         self.self_v: List[Optional[Tensor]] = [None] * len(self.cross_k)
         # The decoder's relative bias for every (query, key) up to max_length, sliced per step.
@@ -73,6 +75,7 @@ class DecoderCache:
         self.self_k, self.self_v = pick(self.self_k), pick(self.self_v)
         self.cross_k, self.cross_v = pick(self.cross_k), pick(self.cross_v)
         self.cross_mask = self.cross_mask.index_select(0, index)
+        self.fed = self.fed.index_select(0, index)
         if self.copy is not None:
             self.copy = tuple(t.index_select(0, index) for t in self.copy)
 
@@ -85,6 +88,7 @@ def decode_step(reader, cache: DecoderCache, tokens: Tensor, position: int) -> T
 
 def decode_hidden(reader, cache: DecoderCache, tokens: Tensor, position: int) -> Tensor:
     """Feed ``tokens`` [N] at ``position``; return the decoder's final state [1, N, H]."""
+    cache.fed = torch.cat([cache.fed, tokens[:, None]], dim=1)
     x = reader.embed(tokens[:, None], offset=position)  # [1, N, H]
     bias = None
     if cache.bias is not None:
@@ -116,7 +120,7 @@ def next_token_log_probs(reader, cache: DecoderCache, tokens: Tensor, position: 
     if cache.copy is None:
         return F.log_softmax(logits[0], dim=-1)
     keys, mask, ids = cache.copy
-    return reader.copy_head.mix_full(logits, hidden, keys, mask, ids)[0]
+    return reader.copy_head.mix_full(logits, hidden, keys, mask, ids, cache.fed[:, -2:])[0]
 
 
 def repeated_ngram_mask(seqs: Tensor, n: int, vocab_size: int) -> Optional[Tensor]:

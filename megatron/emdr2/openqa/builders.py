@@ -64,7 +64,8 @@ def build_reader(size: ModelSize, vocab_size: int, real_vocab_size: int, precisi
     decoder = cfg(decoder_layers or size.decoder_num_layers or size.num_layers)
     encoder = cfg(size.num_layers, post_layernorm=size.post_layernorm)
     return FiDReader(decoder, vocab_size, size.seq_length, encoder_config=encoder,
-                     real_vocab_size=real_vocab_size, copy_head=size.copy_head)
+                     real_vocab_size=real_vocab_size, copy_head=size.copy_head,
+                     copy_continuation=size.copy_continuation)
 
 
 def _checkpoint_iteration(root: str) -> Optional[int]:

@@ -111,10 +111,19 @@ def evaluate_open_qa(task, models, examples: Sequence, iteration: int = 0,
     records.sort(key=lambda r: r["index"])
     ranks = np.array([r["first_hit_rank"] for r in records])
     metrics = {"em": float(np.mean([r["em"] for r in records])) if records else 0.0,
-               **top_k_accuracy(ranks, RETRIEVAL_KS), "questions": len(records)}
+               **top_k_accuracy(ranks, RETRIEVAL_KS), "questions": len(records),
+               **reading_accuracy(records, task.qa.top_k)}
     if predictions_file and first:
         write_predictions(predictions_file, records, iteration)
     return metrics
+
+
+def reading_accuracy(records: Sequence[dict], top_k: int) -> dict:
+    """EM on the questions whose answer string occurs in one of the K passages the reader read:
+    how well the reader reads, apart from how well the retriever retrieves. Also how many such
+    questions there were ("read_questions")."""
+    read = [r["em"] for r in records if 0 < r["first_hit_rank"] <= top_k]
+    return {"reading_accuracy": float(np.mean(read)) if read else 0.0, "read_questions": len(read)}
 
 
 def write_predictions(path: str, records: list[dict], iteration: int = 0) -> None:

@@ -36,7 +36,10 @@ def build_index(biencoder, tok, evidence, out_dir: str, model_step: int = 0, bat
 
     tower = biencoder.context_encoder
     was_training = tower.training
-    dtype = next(tower.parameters()).dtype
+    param = next(tower.parameters())
+    dtype = param.dtype
+    if torch.is_autocast_enabled(param.device.type):  # --autocast: embed in its dtype too
+        dtype = torch.get_autocast_dtype(param.device.type)
     tower.eval()  # no dropout in the index (embed_evidence cannot see the module behind the lambda)
     try:
         embed_evidence(lambda ids, mask: tower(ids, mask), context_tokenizer(tok, evidence, max_len),

@@ -19,6 +19,7 @@ from typing import Any, Mapping, Optional
 
 import torch
 
+from megatron.emdr2.autocast import autocast
 from megatron.emdr2.config import TrainingConfig
 from megatron.emdr2.training import checkpointing as ckpt
 from megatron.emdr2.training.logging import MetricsLogger
@@ -70,7 +71,11 @@ class Trainer:
         self.task, self.cfg = task, cfg
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True)
-        models = task.build_models()
+        # --autocast: what the task runs (model building and first index build, forward
+        # passes, index refreshes, evaluation) under autocast; backward and optimizer steps not.
+        self.autocast = lambda: autocast(compute_device(), cfg.precision.autocast_dtype)
+        with self.autocast():
+            models = task.build_models()
         lr_multipliers = optional(task, "lr_multipliers")
         lr_groups = mark_lr_groups(models, lr_multipliers() if lr_multipliers else None)
         self.models, self.ddp_models = prepare_models(models, cfg)
@@ -159,14 +164,16 @@ class Trainer:
         for mb in range(self.num_micro_batches):
             batch = self.task.make_batch(local_indices[mb * mbs:(mb + 1) * mbs])
             loss, metrics = self.task.forward_step(self.models, batch)
-            self.optimizer.scale_loss(loss.float() / self.num_micro_batches).backward()
+            with precision_off():  # backward follows the forward's dtypes by itself
+                self.optimizer.scale_loss(loss.float() / self.num_micro_batches).backward()
             sums["loss"] = sums.get("loss", 0.0) + _to_float(loss)
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + _to_float(v)
         for m in self.ddp_models:
             m.finish_grad_sync()
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
-        updated, grad_norm, _ = self.optimizer.step()
+        with precision_off():
+            updated, grad_norm, _ = self.optimizer.step()
         if updated:
             self.scheduler.step(increment=1)  # one optimizer step (the global batch)
         out = {k: v / self.num_micro_batches for k, v in sums.items()}
@@ -208,7 +215,8 @@ class Trainer:
         extra_metrics = optional(self.task, "extra_metrics")
         progress = self.logger.progress(total, initial=self.state.iteration)
         try:
-            self._train_iterations(total, batches, on_step_end, extra_metrics, progress)
+            with self.autocast():
+                self._train_iterations(total, batches, on_step_end, extra_metrics, progress)
         finally:
             if progress is not None:
                 progress.close()
@@ -216,7 +224,8 @@ class Trainer:
             if close:
                 close()  # also on failure: e.g. tells indexer ranks that training has stopped
         if cfg.logging.eval_interval and self.state.iteration % cfg.logging.eval_interval != 0:
-            self.evaluate()
+            with self.autocast():
+                self.evaluate()
         if cfg.checkpoint.save and self._saved_at != self.state.iteration:
             self.save()
         self.logger.close()
@@ -241,6 +250,15 @@ class Trainer:
             if cfg.checkpoint.save_interval and it % cfg.checkpoint.save_interval == 0:
                 self.save()
                 self._saved_at = it
+
+
+def compute_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def precision_off():
+    """Autocast off (backward and optimizer steps under ``--autocast``)."""
+    return torch.autocast(compute_device().type, enabled=False)
 
 
 def train(task: Task, cfg: TrainingConfig) -> TrainState:

@@ -1,0 +1,102 @@
+"""--autocast bf16: fp32 weights, bf16 matrix multiplies on CPU, through megatron-core's own
+tensor-parallel linear layers (whose backward needs megatron/emdr2/autocast.py on a CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron.emdr2.config import ModelSize
+from megatron.emdr2.openqa import builders
+from spawn import run_ranks
+
+
+@pytest.fixture(scope="module", autouse=True)
+def megatron_single_rank():
+    from megatron.core import parallel_state
+
+    from megatron.emdr2.initialize import initialize
+
+    if not parallel_state.model_parallel_is_initialized():
+        initialize(1, 1, seed=1234)
+    yield
+
+
+def _loss_and_grads(reader, batch, dtype):
+    from megatron.emdr2.autocast import autocast
+
+    reader.zero_grad()
+    with autocast("cpu", dtype):
+        loss = reader.loss(*batch)
+    loss.backward()
+    return float(loss), torch.cat([p.grad.flatten() for p in reader.parameters() if p.grad is not None])
+
+
+def test_bf16_autocast_reader_step_matches_fp32_and_keeps_fp32_weights():
+    torch.manual_seed(0)
+    size = ModelSize(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128, seq_length=32,
+                     hidden_dropout=0.0, attention_dropout=0.0, copy_head=True, copy_continuation=True)
+    reader = builders.build_reader(size, 128, 120)
+    ids = torch.randint(5, 120, (2, 3, 10))
+    labels = ids[:, 0, 2:6]
+    dec = torch.cat([torch.zeros(2, 1, dtype=torch.long), labels[:, :-1]], 1)
+    batch = (ids, torch.ones_like(ids), dec, labels)
+    loss32, grad32 = _loss_and_grads(reader, batch, None)
+    from megatron.core.tensor_parallel import layers
+
+    from megatron.emdr2.autocast import install
+
+    install()
+    with pytest.raises(RuntimeError, match="dtype"):  # megatron's linear backward, unpatched
+        patched = layers.linear_with_grad_accumulation_and_async_allreduce
+        layers.linear_with_grad_accumulation_and_async_allreduce = patched.__wrapped__
+        try:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = reader.loss(*batch)
+            loss.backward()
+        finally:
+            layers.linear_with_grad_accumulation_and_async_allreduce = patched
+    loss16, grad16 = _loss_and_grads(reader, batch, torch.bfloat16)
+    assert abs(loss16 - loss32) < 0.02 * abs(loss32)
+    assert torch.nn.functional.cosine_similarity(grad16, grad32, dim=0) > 0.99
+    assert {p.dtype for p in reader.parameters()} == {torch.float32}
+    assert {p.grad.dtype for p in reader.parameters() if p.grad is not None} == {torch.float32}
+
+
+def _train(rank, world, autocast, iters):
+    from megatron.emdr2.config import (BatchConfig, LoggingConfig, OptimizerSettings, PrecisionConfig,
+                                       ScheduleConfig, TrainingConfig)
+    from megatron.emdr2.initialize import initialize, shutdown
+    from megatron.emdr2.training.loop import Trainer
+    from tasks.bert_mlm import TINY, SyntheticMLMTask
+
+    cfg = TrainingConfig(
+        precision=PrecisionConfig("fp32", autocast=autocast),
+        optimizer=OptimizerSettings(lr=3e-3, weight_decay=0.0),
+        schedule=ScheduleConfig(train_iters=iters, lr_warmup_fraction=None, lr_decay_style="constant"),
+        batch=BatchConfig(micro_batch_size=8, global_batch_size=8),
+        logging=LoggingConfig(log_interval=1000, progress_bar=False),
+    )
+    initialize(seed=cfg.seed)
+    try:
+        trainer = Trainer(SyntheticMLMTask(TINY, cfg, num_samples=8), cfg)
+        state = trainer.train()
+        return {p.dtype for p in trainer.models["bert"].parameters()}, [h["loss"] for h in state.history]
+    finally:
+        shutdown()
+
+
+def test_trainer_with_autocast_trains_fp32_weights_like_fp32():
+    (dtypes, losses), = run_ranks(_train, 1, "bf16", 12)
+    (_, reference), = run_ranks(_train, 1, "none", 12)
+    assert dtypes == {torch.float32}
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert abs(losses[0] - reference[0]) < 0.02 * reference[0]
+
+
+def test_autocast_refuses_half_precision_weights():
+    from megatron.emdr2.arguments import validate
+    from megatron.emdr2.config import ConfigError, PrecisionConfig, TrainingConfig
+
+    with pytest.raises(ConfigError, match="--autocast bf16 .* --bf16"):
+        validate(TrainingConfig(precision=PrecisionConfig("bf16", autocast="bf16")), 1)
