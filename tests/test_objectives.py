@@ -58,10 +58,59 @@ def test_the_two_marginalisations_differ():
     assert abs(seq.item() - tok.item()) > 1e-3
 
 
-def test_kl_objective_gradient_is_p_minus_posterior():
+def _lalt2_direct(scores, token_lp, mask, reader_nll):
+    """The paper's L_alt-2 / the original's --ret-kldiv in plain float64 numpy, written out from
+    get_kl_div_retriever: teacher = softmax_k(Σ_t log p_t·mask / Σ_t mask); loss =
+    F.kl_div(log p(z|q), teacher, 'batchmean') = Σ_{b,k} teacher (log teacher − log p) / B."""
+    s, lp, m, r = (x.double().numpy() for x in (scores, token_lp, mask, reader_nll))
+    B, K = s.shape
+    p_z = np.exp(s) / np.exp(s).sum(-1, keepdims=True)
+    loss_ret, grad = 0.0, np.zeros_like(s)
+    for b in range(B):
+        mean_ll = [sum(lp[b, k, t] for t in range(lp.shape[2]) if m[b, t]) / m[b].sum() for k in range(K)]
+        e = np.exp(np.array(mean_ll) - max(mean_ll))
+        teacher = e / e.sum()
+        loss_ret += sum(teacher[k] * (np.log(teacher[k]) - np.log(p_z[b, k])) for k in range(K))
+        grad[b] = (p_z[b] - teacher) / B  # d/ds of −Σ_k teacher_k log softmax(s)_k
+    return r.mean() + loss_ret / B, loss_ret / B, grad
+
+
+def test_kl_is_the_papers_lalt2_against_float64():
+    """kl = the paper's L_alt-2 = the original's --ret-kldiv: reader likelihood alone (per-token
+    mean, no retriever prior, no temperature), KL(target ‖ p(z|q)); not the posterior."""
     scores, token_lp, mask, reader_nll = _inputs(seed=2)
     scores.requires_grad_(True)
+    token_lp.requires_grad_(True)
     out = joint_loss(ObjectiveConfig("kl"), scores, token_lp, mask, reader_nll)
+    out.loss.backward()
+    loss, ret, grad = _lalt2_direct(scores.detach(), token_lp.detach(), mask, reader_nll)
+    assert out.loss.item() == pytest.approx(loss, rel=1e-6)
+    assert out.retriever_loss.item() == pytest.approx(ret, rel=1e-5)
+    np.testing.assert_allclose(scores.grad.double().numpy(), grad, rtol=1e-5, atol=1e-7)
+    assert token_lp.grad is None or torch.count_nonzero(token_lp.grad) == 0  # target is a constant
+    # It is a different objective from EMDR²: the score gradients differ.
+    scores2 = scores.detach().clone().requires_grad_(True)
+    joint_loss(ObjectiveConfig("emdr2", "sequence"), scores2, token_lp.detach(), mask, reader_nll).loss.backward()
+    assert np.abs(scores2.grad.numpy() - scores.grad.numpy()).max() > 1e-3
+
+
+def test_kl_uses_the_mean_not_the_sum_over_tokens():
+    # Two answers of different lengths: a mean over 1 token and over 5 tokens.
+    scores = torch.zeros(1, 2)
+    token_lp = torch.tensor([[[-1.0, -1.0, -1.0, -1.0, -1.0], [-2.0, -0.1, -0.1, -0.1, -0.1]]])
+    mask = torch.ones(1, 5)
+    out = joint_loss(ObjectiveConfig("kl"), scores, token_lp, mask, torch.zeros(1))
+    teacher = torch.softmax(torch.tensor([-1.0, -2.4 / 5], dtype=torch.float64), -1)
+    expected = (teacher * (teacher.log() - np.log(0.5))).sum()
+    assert out.retriever_loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_kl_posterior_trains_exactly_like_emdr2_sequence():
+    """kl-posterior (the former 'kl'): KL(posterior ‖ p) with the posterior held fixed has the
+    gradient p − posterior with respect to the scores, which is emdr2/sequence's gradient."""
+    scores, token_lp, mask, reader_nll = _inputs(seed=2)
+    scores.requires_grad_(True)
+    out = joint_loss(ObjectiveConfig("kl-posterior"), scores, token_lp, mask, reader_nll)
     out.loss.backward()
     s = scores.detach().double()
     p_z = torch.softmax(s, -1)
@@ -70,6 +119,9 @@ def test_kl_objective_gradient_is_p_minus_posterior():
     kl = (post * (post.log() - p_z.log())).sum(-1)
     assert out.loss.item() == pytest.approx((reader_nll.double() + kl).mean().item(), rel=1e-5)
     np.testing.assert_allclose(scores.grad.double(), (p_z - post) / len(s), rtol=1e-4, atol=1e-7)
+    scores2 = scores.detach().clone().requires_grad_(True)
+    joint_loss(ObjectiveConfig("emdr2", "sequence"), scores2, token_lp, mask, reader_nll).loss.backward()
+    np.testing.assert_allclose(scores2.grad.numpy(), scores.grad.numpy(), rtol=1e-4, atol=1e-7)
 
 
 def test_pdist_and_frozen_retriever():

@@ -10,8 +10,19 @@ Inputs (B questions, K retrieved passages, T answer tokens):
 Objectives (loss = reader_nll + retriever term, averaged over the batch):
   emdr2 / sequence   -log Σ_k SG[p(a|q,z_k)] p(z_k|q)            (the paper)
   emdr2 / token      -Σ_t log Σ_k SG[p(a_t|q,z_k,a_<t)] p(z_k|q)  (the original code)
-  kl                 KL(posterior ‖ p(z|q)), posterior ∝ SG[p(a|q,z_k)] p(z_k|q)   ("ret-kldiv")
-  pdist              KL(softmax_k(log p(a|q,z_k)/temperature) ‖ p(z|q))  (Atlas perplexity distillation)
+  kl                 KL(target ‖ p(z|q)), target = softmax_k( (1/T) Σ_t log p(a_t|q,z_k,a_<t) ):
+                     the per-token MEAN answer log-likelihood of each passage, no retriever prior,
+                     no temperature. The paper's L_alt-2 (appendix D.1) and exactly the original's
+                     `--ret-kldiv` (`get_kl_div_retriever` in tasks/openqa/e2eqa/train_e2eqa.py:
+                     teacher = softmax over k of Σ_t gold_log_probs·mask / Σ_t mask, computed under
+                     no_grad; F.kl_div(topk_log_probs, teacher, 'batchmean')). T counts the answer
+                     tokens and [EOS], as the original's loss_mask does.
+  kl-posterior       KL(posterior ‖ p(z|q)), posterior ∝ SG[p(a|q,z_k)] p(z_k|q) held fixed. Its
+                     gradient with respect to the scores is p(z|q) − posterior, *exactly* the gradient
+                     of emdr2/sequence: it trains identically to emdr2/sequence and differs only in
+                     the loss value logged. Kept for comparison; not a different objective.
+  pdist              KL(softmax_k(log p(a|q,z_k)/temperature) ‖ p(z|q))  (Atlas perplexity distillation;
+                     whole-answer log-likelihood, so it differs from kl by sum vs mean over tokens)
   none               reader only: the frozen-retriever FiD baseline
 """
 
@@ -21,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-RETRIEVER_OBJECTIVES = ("emdr2", "kl", "pdist", "none")
+RETRIEVER_OBJECTIVES = ("emdr2", "kl", "kl-posterior", "pdist", "none")
 MARGINALISATIONS = ("sequence", "token")
 
 
@@ -42,6 +53,18 @@ class ObjectiveConfig:
 def sequence_loglik(token_logprobs: torch.Tensor, answer_mask: torch.Tensor) -> torch.Tensor:
     """log p(a | q, z_k) = Σ_t log p(a_t | ...) over real answer tokens: [B, K]."""
     return (token_logprobs * answer_mask.unsqueeze(1).to(token_logprobs.dtype)).sum(-1)
+
+
+def mean_token_loglik(token_logprobs: torch.Tensor, answer_mask: torch.Tensor) -> torch.Tensor:
+    """(1/T) Σ_t log p(a_t | q, z_k, a_<t) over the real answer tokens: [B, K] (the original's
+    teacher logits for --ret-kldiv)."""
+    mask = answer_mask.to(token_logprobs.dtype)
+    return sequence_loglik(token_logprobs, answer_mask) / mask.sum(-1, keepdim=True).clamp_min(1)
+
+
+def reader_likelihood_target(token_logprobs: torch.Tensor, answer_mask: torch.Tensor) -> torch.Tensor:
+    """L_alt-2's target: softmax_k of the per-token-mean answer log-likelihood, constant: [B, K]."""
+    return torch.softmax(mean_token_loglik(token_logprobs.detach().float(), answer_mask.float()), dim=-1)
 
 
 def retriever_log_probs(retrieval_scores: torch.Tensor) -> torch.Tensor:
@@ -91,6 +114,8 @@ def joint_loss(cfg: ObjectiveConfig, retrieval_scores: torch.Tensor, token_logpr
         else:
             retriever = emdr2_token_loss(log_p_z, token_logprobs, answer_mask)
     elif cfg.retriever_objective == "kl":
+        retriever = kl_to_target(reader_likelihood_target(token_logprobs, answer_mask), log_p_z)
+    elif cfg.retriever_objective == "kl-posterior":
         retriever = kl_to_target(posterior(log_p_z, seq_ll), log_p_z)
     elif cfg.retriever_objective == "pdist":
         retriever = kl_to_target(torch.softmax(seq_ll.detach() / cfg.pdist_temperature, -1), log_p_z)

@@ -61,7 +61,11 @@ def add_openqa_args(parser: argparse.ArgumentParser, retriever: ModelSize = RETR
                    help="train the reader's decoder only (with --reader-bert-load: a pretrained "
                         "encoder kept as is; about 3x cheaper steps on a CPU)")
     g.add_argument("--retriever-objective", default="emdr2", choices=RETRIEVER_OBJECTIVES,
-                   help="emdr2 (paper), kl (ret-kldiv), pdist (Atlas), none (frozen-retriever FiD)")
+                   help="emdr2 (paper); kl (the paper's L_alt-2 = the original's --ret-kldiv: "
+                        "KL(softmax_k of the per-token-mean answer log-likelihood ‖ p(z|q))); "
+                        "kl-posterior (KL(posterior ‖ p(z|q)): the same gradient as emdr2 with "
+                        "--marginalisation sequence, only the logged loss differs); pdist (Atlas); "
+                        "none (frozen-retriever FiD)")
     g.add_argument("--marginalisation", default="sequence", choices=MARGINALISATIONS,
                    help="EMDR² marginal over whole answers (paper) or per token (original code)")
     g.add_argument("--retriever-weight", type=float, default=1.0)
