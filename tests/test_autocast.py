@@ -63,6 +63,21 @@ def test_bf16_autocast_reader_step_matches_fp32_and_keeps_fp32_weights():
     assert {p.grad.dtype for p in reader.parameters() if p.grad is not None} == {torch.float32}
 
 
+def test_autocast_sees_weight_updates_within_one_region():
+    """The training loop steps the optimizer inside one autocast region: the forward pass must
+    read the updated weights, not autocast's cached low-precision copy of the first step's."""
+    from megatron.emdr2.autocast import autocast
+
+    layer = torch.nn.Linear(8, 8)
+    x = torch.randn(4, 8)
+    with autocast("cpu", torch.bfloat16):
+        before = layer(x)
+        with torch.no_grad():
+            layer.weight.mul_(2.0)
+        after = layer(x)
+    assert not torch.allclose(before.float(), after.float(), atol=1e-2)
+
+
 def _train(rank, world, autocast, iters):
     from megatron.emdr2.config import (BatchConfig, LoggingConfig, OptimizerSettings, PrecisionConfig,
                                        ScheduleConfig, TrainingConfig)

@@ -55,10 +55,16 @@ def install() -> None:
 
 
 def autocast(device: torch.device | str, dtype: torch.dtype | None):
-    """``torch.autocast(device, dtype)``, or a no-op context for dtype None / fp32."""
+    """``torch.autocast(device, dtype)``, or a no-op context for dtype None / fp32.
+
+    The weight-cast cache is off: autocast keeps its low-precision copies of the weights until
+    the outermost autocast region exits, and the training loop runs many optimizer steps inside
+    one region, so with the cache on, later forward passes would keep using the weights of the
+    first step (the optimizer updates the fp32 weights that the forward never reads again).
+    """
     if dtype is None or dtype == torch.float32:
         return contextlib.nullcontext()
     device = torch.device(device)
     if device.type == "cpu":
         install()
-    return torch.autocast(device.type, dtype=dtype)
+    return torch.autocast(device.type, dtype=dtype, cache_enabled=False)

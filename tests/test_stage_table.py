@@ -1,0 +1,63 @@
+"""Reading accuracy (evaluation) and the quickstart's per-stage table (tools/stage_table.py)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def test_reading_accuracy_counts_only_questions_the_reader_could_answer():
+    from megatron.emdr2.openqa.evaluation import reading_accuracy
+
+    records = [{"em": True, "first_hit_rank": 1}, {"em": False, "first_hit_rank": 4},
+               {"em": True, "first_hit_rank": 0},  # right without the answer in its passages
+               {"em": False, "first_hit_rank": 7},  # answer retrieved, but beyond the reader's K
+               {"em": True, "first_hit_rank": 2}]
+    assert reading_accuracy(records, top_k=4) == {"reading_accuracy": 2 / 3, "read_questions": 3}
+    assert reading_accuracy(records, top_k=1) == {"reading_accuracy": 1.0, "read_questions": 1}
+    assert reading_accuracy([], top_k=4) == {"reading_accuracy": 0.0, "read_questions": 0}
+
+
+def _write_run(run, with_mss=True):
+    (run / "ict").mkdir(parents=True)
+    (run / "ict" / "metrics.jsonl").write_text(
+        json.dumps({"kind": "train", "iteration": 1, "loss": 3.0}) + "\n"
+        + json.dumps({"kind": "eval", "iteration": 100, "top1": 0.5, "top5": 0.7, "top20": 0.9,
+                      "questions": 10, "score": 0.9}) + "\n")
+    stage = {"em": 0.1, "top1": 0.6, "top5": 0.8, "top20": 0.95, "questions": 10,
+             "reading_accuracy": 0.12, "read_questions": 8}
+    if with_mss:
+        (run / "mss.dev.json").write_text(json.dumps(stage))
+    (run / "emdr2.dev.json").write_text(json.dumps({**stage, "em": 0.3, "reading_accuracy": 0.35}))
+
+
+def _table(run, *extra):
+    return subprocess.run([sys.executable, str(ROOT / "tools" / "stage_table.py"), "--run", str(run), *extra],
+                          capture_output=True, text=True)
+
+
+def test_stage_table_prints_every_stage_and_writes_the_final_json(tmp_path):
+    run = tmp_path / "run"
+    _write_run(run)
+    out = _table(run, "--seconds", "125")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines[-1] == str(run / "final_metrics.json")
+    ict = next(line for line in lines if line.startswith("ict"))
+    assert "0.900" in ict and ict.split()[-1] == "-"  # no reader: no EM, no reading accuracy
+    final = json.loads((run / "final_metrics.json").read_text())
+    assert final["em"] == 0.3 and final["reading_accuracy"] == 0.35 and final["run_seconds"] == 125
+    assert list(final["stages"]) == ["ict", "mss", "emdr2"]
+    assert final["stages"]["ict"]["top20"] == 0.9 and "loss" not in final["stages"]["ict"]
+
+
+def test_stage_table_names_the_missing_file(tmp_path):
+    run = tmp_path / "run"
+    _write_run(run, with_mss=False)
+    out = _table(run)
+    assert out.returncode == 2
+    assert "mss.dev.json: no such file" in out.stderr and "Traceback" not in out.stderr
+    assert not (run / "final_metrics.json").exists()

@@ -1,0 +1,106 @@
+"""The quickstart's closing table: every stage's checkpoint on the same dev questions.
+
+    python tools/stage_table.py --run runs/quickstart-<time> --seconds 1500
+
+Reads the ICT stage's last dev evaluation (``ict/metrics.jsonl``: retrieval only, it has no reader)
+and the ``<stage>.dev.json`` files that ``tasks.openqa.evaluate --metrics-out`` wrote for the
+stages with a reader (mss, emdr2); prints one row per stage and writes ``final_metrics.json``
+(the last stage's metrics at the top level, every stage under "stages", the run time) atomically.
+The last line printed is that file's path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+STAGES = ("ict", "mss", "emdr2")
+COLUMNS = ("top1", "top5", "top20", "em", "reading_accuracy")
+
+
+def fail(message: str) -> None:
+    print(f"stage_table: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        fail(f"{path}: no such file (did that stage's evaluation run?)")
+    except json.JSONDecodeError as e:
+        fail(f"{path}: not valid JSON ({e.msg} at line {e.lineno})")
+
+
+def last_eval(metrics_file: str) -> dict:
+    """The last {"kind": "eval"} record of a training run's metrics.jsonl."""
+    found = None
+    try:
+        with open(metrics_file, encoding="utf-8") as f:
+            for n, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    fail(f"{metrics_file}:{n}: not valid JSON ({e.msg})")
+                if record.get("kind") == "eval":
+                    found = record
+    except FileNotFoundError:
+        fail(f"{metrics_file}: no such file (did the stage train with --save?)")
+    if found is None:
+        fail(f"{metrics_file}: no dev evaluation recorded (run the stage with --dev-data and --eval-interval)")
+    return found
+
+
+def stage_metrics(run: str) -> dict[str, dict]:
+    out = {"ict": last_eval(os.path.join(run, "ict", "metrics.jsonl"))}
+    for stage in STAGES[1:]:
+        out[stage] = _read_json(os.path.join(run, f"{stage}.dev.json"))
+    return {s: {k: m[k] for k in (*COLUMNS, "questions", "read_questions") if k in m} for s, m in out.items()}
+
+
+def format_table(stages: dict[str, dict]) -> str:
+    lines = [f"{'stage':<8}" + "".join(f"{c:>18}" for c in ("questions",) + COLUMNS)]
+    for name, m in stages.items():
+        cells = [f"{m.get('questions', ''):>18}"]
+        cells += [f"{m[c]:>18.3f}" if c in m else f"{'-':>18}" for c in COLUMNS]
+        lines.append(f"{name:<8}" + "".join(cells))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="stage_table", description=__doc__.split("\n")[0])
+    parser.add_argument("--run", required=True, help="the quickstart's run directory")
+    parser.add_argument("--seconds", type=int, default=None, help="the run's wall time, recorded")
+    args = parser.parse_args(argv)
+    if not os.path.isdir(args.run):
+        fail(f"--run {args.run}: no such directory")
+    stages = stage_metrics(args.run)
+    final = dict(stages[STAGES[-1]])
+    final["stages"] = stages
+    if args.seconds is not None:
+        final["run_seconds"] = args.seconds
+    path = os.path.join(args.run, "final_metrics.json")
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(final, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
+
+    questions = final.get("questions", "?")
+    print(f"\nnq-mini dev ({questions} questions), every stage's checkpoint "
+          f"(reading accuracy: EM where the answer is in the reader's passages)")
+    print(format_table(stages))
+    if args.seconds is not None:
+        print(f"run time {args.seconds // 60} min {args.seconds % 60} s")
+    print(f"checkpoints: {args.run}/{{ict,mss,emdr2}}   plots: {args.run}/plots   "
+          f"predictions: {args.run}/emdr2.dev_predictions.jsonl   answers: {args.run}/answers.jsonl")
+    print(path)
+
+
+if __name__ == "__main__":
+    main()
