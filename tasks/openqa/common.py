@@ -213,7 +213,8 @@ def qa_config(args):
         reader_max_len=args.reader_max_len, answer_max_len=args.answer_max_len,
         eval_max_questions=args.eval_max_questions, eval_batch_size=args.eval_batch_size,
         num_beams=args.num_beams, no_repeat_ngram_size=getattr(args, "no_repeat_ngram_size", 0),
-        predictions_file=args.predictions_file)
+        predictions_file=args.predictions_file,
+        train_answer=getattr(args, "train_answer", "first"))
 
 
 def refresh_config(args):

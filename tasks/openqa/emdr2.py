@@ -31,6 +31,16 @@ def build_parser() -> ArgumentParser:
     common.add_openqa_args(parser)
     parser.add_argument("--train-data", default=os.path.join(common.NQ_MINI, "train.tsv"),
                         help="QA training file (tsv, jsonl, DPR/FiD json, WebQuestions, TriviaQA)")
+    parser.add_argument("--train-answer", default="first", choices=("first", "random"),  # emdr2_task.TRAIN_ANSWERS
+                        help="gold answer a training question is taught: 'first' (default: answers[0], "
+                             "one fixed target per question) or 'random' (the original's: one of the "
+                             "gold answers drawn afresh each time the question is drawn; seeded by "
+                             "--seed, the step and the question, so resumes are exact)")
+    parser.add_argument("--max-train-answer-words", type=int, default=None, metavar="N",
+                        help="drop training answers longer than N words (questions left with none are "
+                             "dropped), in every file format: the paper's TriviaQA rule is N=5 "
+                             "(examples/emdr2_trivia.sh sets it). Default: 5 for the official TriviaQA "
+                             "json, no limit otherwise")
     return parser
 
 
@@ -40,7 +50,8 @@ def make_task(args, cfg):
     from megatron.emdr2.openqa.emdr2_task import OpenQATask
 
     rtok, tok = common.tokenizers(args)
-    return OpenQATask(common.qa_config(args), cfg, load_qa(args.train_data, for_training=True),
+    train = load_qa(args.train_data, for_training=True, max_answer_words=getattr(args, "max_train_answer_words", None))
+    return OpenQATask(common.qa_config(args), cfg, train,
                       load_qa(args.dev_data), load_evidence(args.evidence), rtok, tok,
                       common.refresh_config(args))
 
@@ -52,6 +63,8 @@ def main(argv=None):
         paths=lambda a: common.openqa_paths(a) + [("--train-data", a.train_data)],
         training_world=common.training_world)
     common.check_openqa_args(args, cfg, parser.prog)
+    if args.max_train_answer_words is not None and args.max_train_answer_words < 1:
+        common.fail("--max-train-answer-words must be >= 1", parser.prog)
     common.run_roles(args, cfg, lambda: make_task(args, cfg), lambda: common.indexer_main(args, cfg))
 
 

@@ -32,6 +32,8 @@ from megatron.emdr2.openqa.retrieval import build_index, search_excluding
 
 logger = logging.getLogger(__name__)
 
+TRAIN_ANSWERS = ("first", "random")
+
 
 @dataclass
 class OpenQAConfig:
@@ -60,6 +62,13 @@ class OpenQAConfig:
     num_beams: int = 1
     no_repeat_ngram_size: int = 0
     predictions_file: Optional[str] = None
+    # Which gold answer a training question is taught: "first" (answers[0], always the same) or
+    # "random" (the original's: a gold answer drawn afresh each time the question is drawn).
+    train_answer: str = "first"
+
+    def __post_init__(self):
+        if self.train_answer not in TRAIN_ANSWERS:
+            raise ValueError(f"train_answer {self.train_answer!r} is not one of {TRAIN_ANSWERS}")
 
 
 @dataclass
@@ -87,6 +96,7 @@ class OpenQATask:
         self.index_manager: Optional[IndexManager] = None
         self._biencoder = None
         self._frozen_contexts: dict[int, torch.Tensor] = {}  # passage id -> embedding (frozen tower)
+        self._iteration = 0  # optimizer steps done (checkpointed): keys the "random" answer draws
 
     # ------------------------------------------------------------------ models
     def build_models(self):
@@ -149,12 +159,19 @@ class OpenQATask:
     def num_train_samples(self) -> int:
         return len(self.train_examples)
 
-    def _target_answer(self, example) -> str:
-        return example.answers[0]  # the first gold answer, as the original's training data did
+    def _target_answer(self, example, index: int) -> str:
+        """The gold answer to train on. "first": answers[0]. "random": the original's rule (its
+        OpenQADataset.__getitem__ shuffles the answers with a seeded RNG on every draw and takes
+        the first), drawn here from (seed, iteration, dataset index) alone, so the draw is the
+        same whatever the number of ranks and after a resume."""
+        if self.qa.train_answer == "first" or len(example.answers) == 1:
+            return example.answers[0]
+        rng = np.random.default_rng([self.cfg.seed, self._iteration, index])
+        return example.answers[int(rng.integers(len(example.answers)))]
 
     def make_batch(self, indices: Sequence[int]) -> QABatch:
         examples = [self.train_examples[int(i)] for i in indices]
-        return self._qa_batch(examples, [self._target_answer(e) for e in examples])
+        return self._qa_batch(examples, [self._target_answer(e, int(i)) for e, i in zip(examples, indices)])
 
     def _qa_batch(self, examples, targets: list[str], exclude=None) -> QABatch:
         q_ids, q_mask = encode_query(self.rtok, [e.question for e in examples], self.qa.query_max_len,
@@ -251,6 +268,7 @@ class OpenQATask:
                 "reader:encoder.,embedding.": self.qa.reader_encoder_lr_mult}
 
     def on_step_end(self, models, iteration: int) -> None:
+        self._iteration = iteration
         self.index_manager.after_step(iteration)
 
     def extra_metrics(self, iteration: int) -> dict:
@@ -279,10 +297,12 @@ class OpenQATask:
                 "answer_max_len": self.qa.answer_max_len}
 
     def state_dict(self) -> dict:
-        return {"index_version": self.index_manager.version if self.index_manager else None}
+        return {"index_version": self.index_manager.version if self.index_manager else None,
+                "iteration": self._iteration}
 
     def load_state_dict(self, state: dict) -> None:
-        pass  # the newest published index is picked up at start; nothing else to restore
+        # The newest published index is picked up at start; the iteration keys answer draws.
+        self._iteration = int(state.get("iteration", 0))
 
     def close(self) -> None:
         if self.index_manager is not None:
