@@ -1,5 +1,6 @@
 # Sourced by emdr2_{nq,trivia,webq}.sh after they set TRAIN, DEV, SAVE, TRAIN_EXAMPLES (and
-# GLOBAL_BATCH/EPOCHS where they differ): the paper's Table 7 settings, shared.
+# GLOBAL_BATCH/EPOCHS where they differ): the paper's Table 7 settings, shared. As in the original
+# code, each draw of a question trains on one of its gold answers at random (--train-answer random).
 source examples/launch.sh
 
 DATA_DIR=${DATA_DIR:-data}
@@ -19,7 +20,7 @@ launch tasks.openqa.emdr2 \
   --train-data "$TRAIN" --dev-data "$DEV" --evidence "$EVIDENCE" --index-dir "$INDEX_DIR" \
   --retriever-load "$RETRIEVER_INIT" --reader-load "$READER_INIT" \
   --top-k 50 --index-reload-interval 500 --num-indexer-ranks "$INDEXERS" \
-  --retriever-objective emdr2 --marginalisation sequence \
+  --retriever-objective emdr2 --marginalisation sequence --train-answer random \
   --global-batch-size "$GLOBAL_BATCH" --micro-batch-size 1 \
   --train-iters $(( TRAIN_EXAMPLES * EPOCHS / GLOBAL_BATCH )) \
   --lr 2e-5 --lr-warmup-fraction 0.01 --lr-decay-style linear --weight-decay 0.1 --clip-grad 1.0 \

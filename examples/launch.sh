@@ -2,9 +2,14 @@
 #   inside a SLURM allocation (sbatch/salloc): srun, one task per GPU; ranks come from SLURM_*
 #   otherwise: torchrun on this node with NPROC_PER_NODE processes (default: one per GPU, else 1)
 # --kill-on-bad-exit=0 lets the trainers finish if an indexer rank dies.
+# EMDR2_DRY_RUN=1: print the python command (shell-quoted, one line) instead of running it.
 
 launch() {
   local module="$1"; shift
+  if [[ -n "${EMDR2_DRY_RUN:-}" ]]; then
+    printf '%q ' python -m "$module" "$@"; echo
+    return 0
+  fi
   if [[ -n "${SLURM_JOB_ID:-}" && -z "${EMDR2_NO_SLURM:-}" ]]; then
     export MASTER_ADDR="${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}"
     export MASTER_PORT="${MASTER_PORT:-29500}"

@@ -11,7 +11,7 @@ question is drawn and trains on the first: `--train-answer random` reproduces th
 import pytest
 import torch
 
-from openqa_helpers import NQ_MINI
+from openqa_helpers import NQ_MINI, ROOT
 
 MULTI = [5, 12, 15]  # nq-mini train questions with 4, 4 and 6 gold answers
 
@@ -101,3 +101,52 @@ def test_command_line_sets_train_answer(tmp_path):
     assert common.qa_config(args).train_answer == "random"
     args = build_parser().parse_args(["--index-dir", str(tmp_path)])
     assert common.qa_config(args).train_answer == "first"
+
+
+# ----------------------------------------------------------------------------- TriviaQA's rule
+
+FIX = ROOT / "tests" / "fixtures" / "data"
+
+
+def test_max_train_answer_words_applies_to_tsv_and_jsonl_as_to_triviaqa_json(tmp_path):
+    """The paper's TriviaQA rule (answers > 5 words dropped for training) ran only on the official
+    json; the trivia script passes a tsv. The flag gives the same training set from any format."""
+    import json
+
+    from megatron.emdr2.data.qa import load_qa
+    from tasks.openqa.emdr2 import build_parser, train_examples
+
+    official = load_qa(FIX / "triviaqa_sample.json", for_training=True)  # human answers, <= 5 words
+    human = load_qa(FIX / "triviaqa_sample.json", for_training=True, max_answer_words=100)
+    assert len(official) < len(human)  # the fixture has a 10-word human answer
+    tsv, jsonl = tmp_path / "trivia-train.tsv", tmp_path / "trivia-train.jsonl"
+    tsv.write_text("".join(f"{e.question}\t{json.dumps(e.answers)}\n" for e in human))
+    jsonl.write_text("".join(json.dumps({"question": e.question, "answers": e.answers}) + "\n" for e in human))
+    for path in (tsv, jsonl):
+        args = build_parser().parse_args(["--index-dir", str(tmp_path), "--train-data", str(path),
+                                          "--max-train-answer-words", "5"])
+        got = train_examples(args)
+        assert [(e.question, e.answers) for e in got] == [(e.question, e.answers) for e in official]
+        assert got.dropped_examples == 1 and got.dropped_answers == 1
+        # Without the flag a tsv/jsonl keeps every answer (no dataset is guessed from a file name).
+        args = build_parser().parse_args(["--index-dir", str(tmp_path), "--train-data", str(path)])
+        assert len(train_examples(args)) == len(human)
+
+
+def test_trivia_script_applies_the_rule(tmp_path):
+    import os
+    import shlex
+    import subprocess
+
+    from tasks.openqa.emdr2 import build_parser
+
+    root = ROOT
+    env = {**os.environ, "EMDR2_DRY_RUN": "1", "DATA_DIR": str(tmp_path)}
+    env.pop("SLURM_JOB_ID", None)
+    out = subprocess.run(["bash", "examples/emdr2_trivia.sh"], cwd=root, env=env, capture_output=True,
+                         text=True, check=True).stdout.strip().splitlines()[-1]
+    argv = shlex.split(out)
+    assert argv[:3] == ["python", "-m", "tasks.openqa.emdr2"]
+    args = build_parser().parse_args(argv[3:])
+    assert args.max_train_answer_words == 5 and args.train_answer == "random"
+    assert "test" not in os.path.basename(args.dev_data)

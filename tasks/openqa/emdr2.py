@@ -44,14 +44,22 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
+def train_examples(args):
+    """The training questions: --max-train-answer-words applies to every format (the TriviaQA
+    rule must also run on the tsv that examples/emdr2_trivia.sh passes)."""
+    from megatron.emdr2.data.qa import load_qa
+
+    return load_qa(args.train_data, for_training=True,
+                   max_answer_words=getattr(args, "max_train_answer_words", None))
+
+
 def make_task(args, cfg):
     from megatron.emdr2.data.evidence import load_evidence
     from megatron.emdr2.data.qa import load_qa
     from megatron.emdr2.openqa.emdr2_task import OpenQATask
 
     rtok, tok = common.tokenizers(args)
-    train = load_qa(args.train_data, for_training=True, max_answer_words=getattr(args, "max_train_answer_words", None))
-    return OpenQATask(common.qa_config(args), cfg, train,
+    return OpenQATask(common.qa_config(args), cfg, train_examples(args),
                       load_qa(args.dev_data), load_evidence(args.evidence), rtok, tok,
                       common.refresh_config(args))
 
