@@ -15,6 +15,9 @@ TRAIN_EXAMPLES=${TRAIN_EXAMPLES:?}
 GLOBAL_BATCH=${GLOBAL_BATCH:-64}
 EPOCHS=${EPOCHS:-10}
 INDEXERS=${INDEXERS:-8}
+case "$(basename "$DEV")" in  # the best checkpoint is chosen on DEV: never on a test set
+  *test*) echo "emdr2: error: DEV=$DEV looks like a test set; checkpoints are selected on DEV" >&2; exit 2 ;;
+esac
 
 launch tasks.openqa.emdr2 \
   --train-data "$TRAIN" --dev-data "$DEV" --evidence "$EVIDENCE" --index-dir "$INDEX_DIR" \
