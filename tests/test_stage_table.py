@@ -61,3 +61,22 @@ def test_stage_table_names_the_missing_file(tmp_path):
     assert out.returncode == 2
     assert "mss.dev.json: no such file" in out.stderr and "Traceback" not in out.stderr
     assert not (run / "final_metrics.json").exists()
+
+
+def test_heldout_questions_are_new_and_answerable_from_the_evidence(tmp_path, shared_data, nq_mini):
+    out = tmp_path / "heldout.tsv"
+    run = subprocess.run([sys.executable, str(ROOT / "tools" / "heldout_questions.py"), "--nq-open",
+                          str(shared_data / "nq-open" / "NQ-open.dev.jsonl"), "--output", str(out)],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    rows = [line.split("\t") for line in out.read_text().splitlines()]
+    seen = {line.split("\t")[0].strip().lower()
+            for f in ("train.tsv", "dev.tsv") for line in (nq_mini / f).read_text().splitlines()}
+    assert len(rows) > 300
+    assert not any(q.strip().lower() in seen for q, _ in rows)
+    assert all(json.loads(a) for _, a in rows)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q", "answer": "not a list"}\n')
+    run = subprocess.run([sys.executable, str(ROOT / "tools" / "heldout_questions.py"), "--nq-open", str(bad),
+                          "--output", str(tmp_path / "x.tsv")], capture_output=True, text=True)
+    assert run.returncode == 2 and f"{bad}:1:" in run.stderr and not (tmp_path / "x.tsv").exists()

