@@ -73,6 +73,18 @@ def test_build_and_evaluate(tmp_path, nq_mini, fresh_port, capsys):
     first_hit = [next((j for j, c in enumerate(r["ctxs"]) if c["has_answer"]), None) for r in out]
     assert metrics["top20"] == pytest.approx(np.mean([h is not None and h < 20 for h in first_hit]))
 
+    # a shallower search reports only the k it searched (top-20/50/100 of a top-5 search would
+    # just repeat top-5), and its top-5 is the deep search's
+    assert eval_retrieval.main(args + ["--topk", "5", "--metrics-out", str(tmp_path / "m5.json")]) == 0
+    shallow = json.loads((tmp_path / "m5.json").read_text())
+    assert shallow == {"top1": metrics["top1"], "top5": metrics["top5"], "questions": 30}
+    assert eval_retrieval.main(args + ["--topk", "3", "--metrics-out", str(tmp_path / "m3.json")]) == 0
+    assert set(json.loads((tmp_path / "m3.json").read_text())) == {"top1", "top3", "questions"}
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        eval_retrieval.main(args + ["--topk", "0"])
+    assert e.value.code == 2 and capsys.readouterr().err == "eval_retrieval: error: --topk must be >= 1, got 0\n"
+
     # FAISS flat backend (an independent search engine) retrieves the same passages
     assert eval_retrieval.main(args + ["--backend", "faiss", "--output", str(tmp_path / "f.json")]) == 0
     f_out = json.loads((tmp_path / "f.json").read_text())
@@ -99,9 +111,9 @@ def test_hf_directory_and_errors(tmp_path, nq_mini, fresh_port, capsys):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
     assert build_index.main(["--checkpoint", str(bad), "--evidence", str(tmp_path / "evidence.tsv"),
-                             "--output", str(tmp_path / "x")]) == 1
+                             "--output", str(tmp_path / "x")]) == 2
     assert f"{bad}: cannot be read as a torch checkpoint" in capsys.readouterr().err
     # rebuilding a published step without --overwrite is refused, naming the manifest
     assert build_index.main(["--checkpoint", str(hf_dir), "--evidence", str(tmp_path / "evidence.tsv"),
-                             "--output", str(tmp_path / "index"), "--no-progress-bar"]) == 1
+                             "--output", str(tmp_path / "index"), "--no-progress-bar"]) == 2
     assert "already published" in capsys.readouterr().err

@@ -105,15 +105,17 @@ def load_retriever(checkpoint: str, config_file: str | None = None, random_init:
     from megatron.emdr2.openqa.builders import PretrainedError, load_into, load_model_state
 
     raw = {}
+    from megatron.emdr2 import safe_load
+
     try:
         if path.is_file():  # read once: the state dict and its "config" live in the same file
-            raw = torch.load(path, map_location="cpu", weights_only=False)
+            raw = safe_load.load(path, "cpu", error=RetrieverLoadError)  # weights-only: runs nothing
             if not isinstance(raw, dict):
                 raise PretrainedError(f"{path}: expected a dict, found {type(raw).__name__}")
             state = raw.get("models", {}).get("biencoder") or raw.get("model") or raw
         else:
             state = load_model_state(str(path), "biencoder")
-    except PretrainedError as e:
+    except (PretrainedError, RetrieverLoadError) as e:
         raise RetrieverLoadError(str(e)) from None
     except Exception as e:  # unreadable / truncated file
         raise RetrieverLoadError(f"{path}: cannot be read as a torch checkpoint ({type(e).__name__}: {e})") from None
@@ -123,7 +125,10 @@ def load_retriever(checkpoint: str, config_file: str | None = None, random_init:
     if not cfg_dict and path.is_dir() and (path / "retriever_config.json").exists():  # an ICT/DPR save dir
         cfg_dict = json.loads((path / "retriever_config.json").read_text())
     if not cfg_dict and path.is_dir():
-        cfg_dict = _config_from_meta(str(path), state)
+        try:
+            cfg_dict = _config_from_meta(str(path), state)
+        except PretrainedError as e:
+            raise RetrieverLoadError(str(e)) from None
     if not cfg_dict:
         raise RetrieverLoadError(f"{path}: no 'config' in the checkpoint; pass --config FILE.json "
                                  f"with the retriever's architecture")
@@ -190,6 +195,15 @@ def main(argv=None) -> int:
     p.add_argument("--no-progress-bar", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    from megatron.emdr2.arguments import fail
+
+    if args.model_step < 0:
+        fail(f"--model-step must be >= 0 (it names the version step-XXXXXXXX), got {args.model_step}",
+             "build_index")
+    if args.batch_size < 1:
+        fail(f"--batch-size must be >= 1, got {args.batch_size}", "build_index")
+    if args.max_seq_length < 1:
+        fail(f"--max-seq-length must be >= 1, got {args.max_seq_length}", "build_index")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -224,8 +238,8 @@ def main(argv=None) -> int:
                 FaissIndex.from_store(out, args.faiss).save(out / "faiss.index")
                 print(f"wrote FAISS {args.faiss} index to {out / 'faiss.index'}")
     except (RetrieverLoadError, shard_store.IndexStoreError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        print(f"build_index: error: {e}", file=sys.stderr)
+        return 2
     finally:
         initialize.shutdown()
     return 0

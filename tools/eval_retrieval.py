@@ -6,7 +6,8 @@
 
 A question counts as answered at k when one of its first k passages contains an answer
 (the shared ``has_answer``: DPR's tokenised string match, or --match regex), on the passage text
-as DPR does. --metrics-out writes {"top1", "top5", "top20", "top50", "top100", "questions"};
+as DPR does. --metrics-out writes {"top1", "top5", "top20", "top50", "top100", "questions"} (with
+--topk K below 100: only the k <= K, and top{K});
 --output writes, per question, {"question", "answers", "ctxs": [{"id", "title", "text", "score",
 "has_answer"}]} (DPR's retriever output). The query tower comes from --checkpoint (the same
 formats as tools/build_index.py); --backend faiss searches a FAISS file instead (one process).
@@ -51,7 +52,16 @@ def hit_matrix(examples, ids: np.ndarray, evidence, mode: str) -> np.ndarray:
 
 
 def accuracy(hits: np.ndarray, ks=KS) -> dict:
-    """top{k}: fraction of questions with a hit among the first k (k beyond depth uses all)."""
+    """top{k}: fraction of questions with a hit among the first k; every k must be <= the
+    search depth (hits.shape[1]) when there are questions."""
+    if len(hits) and max(ks) > hits.shape[1]:
+        raise ValueError(f"top{max(ks)} asked of a search {hits.shape[1]} deep")
+def report_ks(depth: int, ks=KS) -> tuple[int, ...]:
+    """The k reported for a search of ``depth`` passages: only k <= depth (a top-100 read off a
+    top-5 search would just repeat top-5), plus the depth itself."""
+    return tuple(sorted({k for k in ks if k <= depth} | {depth}))
+
+
     first = np.where(hits.any(1), hits.argmax(1) + 1, 0)
     out = {f"top{k}": float(np.mean((first > 0) & (first <= k))) if len(first) else 0.0 for k in ks}
     out["questions"] = int(len(first))
@@ -93,6 +103,14 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
 
     import torch.distributed as dist
+    from megatron.emdr2.arguments import fail
+
+    if args.topk < 1:
+        fail(f"--topk must be >= 1, got {args.topk}", "eval_retrieval")
+    if args.batch_size < 1:
+        fail(f"--batch-size must be >= 1, got {args.batch_size}", "eval_retrieval")
+    if args.max_seq_length < 1:
+        fail(f"--max-seq-length must be >= 1, got {args.max_seq_length}", "eval_retrieval")
 
     from megatron.emdr2 import initialize
     from megatron.emdr2.data.evidence import load_evidence
@@ -130,15 +148,16 @@ def main(argv=None) -> int:
             scores = torch.cat([s for s, _ in parts]).numpy()
             ids = torch.cat([i for _, i in parts]).numpy()
             hits = hit_matrix(examples, ids, evidence, args.match)
-            metrics = accuracy(hits)
+            depth = ids.shape[1] if len(ids) else args.topk  # fewer when the index has fewer rows
+            metrics = accuracy(hits, report_ks(depth))
             print(json.dumps(metrics))
             if args.metrics_out:
                 _atomic_json(args.metrics_out, metrics)
             if args.output:
                 _atomic_json(args.output, dpr_records(examples, ids, scores, hits, evidence))
     except (RetrieverLoadError, shard_store.IndexStoreError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        print(f"eval_retrieval: error: {e}", file=sys.stderr)
+        return 2
     finally:
         initialize.shutdown()
     return 0

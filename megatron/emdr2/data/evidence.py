@@ -332,12 +332,20 @@ def load_evidence(path, tokenizer=None, quoting: str = "auto", on_error: str = "
     """
     p = str(path)
     if os.path.isfile(p) and not p.endswith((".bin", ".idx", META_SUFFIX, IDS_SUFFIX)):
-        return InMemoryEvidence(p, quoting, on_error)
+        return _nonempty(InMemoryEvidence(p, quoting, on_error), p)
     prefix = indexed.as_prefix(p)
     for suffix in (TEXT_SUFFIX, TITLE_SUFFIX, RAW_SUFFIX, META_SUFFIX, IDS_SUFFIX):
         if prefix.endswith(suffix):
             prefix = prefix[: -len(suffix)]
     if is_mmap_prefix(prefix):
-        return MmapEvidence(prefix, tokenizer)
+        return _nonempty(MmapEvidence(prefix, tokenizer), prefix + TEXT_SUFFIX + ".idx")
     raise DataError(p, None, "not an evidence file: neither a tsv nor the prefix of "
                              f"{Path(prefix).name}{TEXT_SUFFIX}.bin/.idx")
+
+
+def _nonempty(evidence: Evidence, where: str) -> Evidence:
+    """Every consumer (index, retrieval, training) needs at least one passage: an empty
+    evidence file (e.g. only a header) is an error here, not a 0 x 0 index later."""
+    if len(evidence) == 0:
+        raise DataError(where, None, "no passages (the file holds only a header, or every line was skipped)")
+    return evidence

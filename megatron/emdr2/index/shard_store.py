@@ -40,7 +40,31 @@ class IndexStoreError(RuntimeError):
 
 
 def version_name(model_step: int) -> str:
+    if int(model_step) < 0:
+        raise ValueError(f"model step must be >= 0, got {model_step}")
     return f"step-{int(model_step):08d}"
+
+
+def _plain_name(name: str) -> bool:
+    """A file or directory directly inside its parent: no separators, not '.' or '..'."""
+    return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name and "\0" not in name
+
+
+def read_latest(root: str | os.PathLike) -> str | None:
+    """The version name ``root/LATEST`` holds (None without one). It must name a directory
+    inside ``root``: a pointer such as ``../..`` is refused, never followed."""
+    path = Path(root) / LATEST
+    try:
+        name = path.read_text().strip()
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as e:
+        raise IndexStoreError(f"{path}: unreadable ({e})") from None
+    if not name:
+        return None
+    if not _plain_name(name):
+        raise IndexStoreError(f"{path}: names {name[:80]!r}, which is not a version directory inside {root}")
+    return name
 
 
 def shard_stem(shard: int, num_shards: int) -> str:
@@ -96,6 +120,11 @@ class Manifest:
             raise IndexStoreError(f"{path}: not a valid index manifest ({e})") from e
         if m.format_version != FORMAT_VERSION:
             raise IndexStoreError(f"{path}: index format {m.format_version}, this code reads {FORMAT_VERSION}")
+        for s in m.shards:
+            for name in (s.emb_file, s.ids_file):
+                if not isinstance(name, str) or not _plain_name(name):
+                    raise IndexStoreError(f"{path}: shard file {str(name)[:80]!r} is not a file name inside "
+                                          f"{path.parent}")
         if sum(s.rows for s in m.shards) != m.num_rows:
             raise IndexStoreError(f"{path}: shard rows do not add up to num_rows={m.num_rows}")
         m.directory = path.parent
@@ -227,8 +256,9 @@ def resolve(path: str | os.PathLike) -> Path:
         return path.parent
     if (path / MANIFEST).exists():
         return path
-    if (path / LATEST).exists():
-        target = path / (path / LATEST).read_text().strip()
+    latest = read_latest(path) if (path / LATEST).is_file() else None
+    if latest is not None:
+        target = path / latest
         if not (target / MANIFEST).exists():
             raise IndexStoreError(f"{target / MANIFEST}: LATEST points at a version without a manifest")
         return target

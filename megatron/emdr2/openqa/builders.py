@@ -86,13 +86,44 @@ def _resolve_iteration_dir(path: str) -> str:
     return ckpt.iteration_dir(path, it)
 
 
+_verified: set = set()  # (directory, file stats) already checked in this process
+
+
+def _verified_iteration_dir(path: str) -> str:
+    """The iteration directory ``path`` names, after checking every file against its manifest
+    (once per process while the files are unchanged: a task reads the meta, then each model)."""
+    iteration_dir = _resolve_iteration_dir(path)
+    try:
+        stats = tuple(sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(iteration_dir)))
+    except OSError:
+        stats = None
+    key = (os.path.realpath(iteration_dir), stats)
+    if stats is None or key not in _verified:
+        try:
+            ckpt.verify_checkpoint(iteration_dir)
+        except ckpt.CheckpointError as e:
+            raise PretrainedError(str(e)) from None
+        if stats is not None:
+            _verified.add(key)
+    return iteration_dir
+
+
+def _load_file(path: str):
+    from megatron.emdr2 import safe_load
+
+    return safe_load.load(path, "cpu", error=PretrainedError)
+
+
 def load_checkpoint_meta(path: str) -> dict:
-    """What the task recorded about its models (sizes, vocabulary) in a training checkpoint."""
+    """What the task recorded about its models (sizes, vocabulary) in a training checkpoint.
+
+    The manifest is checked first and the file is read weights-only: nothing in it runs."""
     if not os.path.isdir(path):
         return {}
-    iteration_dir = _resolve_iteration_dir(path)
-    state = torch.load(os.path.join(iteration_dir, ckpt.model_file(0)), map_location="cpu", weights_only=False)
-    return state.get("meta", {})
+    iteration_dir = _verified_iteration_dir(path)
+    state = _load_file(os.path.join(iteration_dir, ckpt.model_file(0)))
+    meta = state.get("meta", {}) if isinstance(state, dict) else {}
+    return meta if isinstance(meta, dict) else {}
 
 
 def load_model_state(path: str, name: str, tp_rank: int = 0) -> dict:
@@ -100,21 +131,13 @@ def load_model_state(path: str, name: str, tp_rank: int = 0) -> dict:
     if not os.path.exists(path):
         raise PretrainedError(f"{path}: no such file or directory")
     if os.path.isdir(path):
-        iteration_dir = _resolve_iteration_dir(path)
-        try:
-            ckpt.verify_checkpoint(iteration_dir)
-        except ckpt.CheckpointError as e:
-            raise PretrainedError(str(e)) from None
-        state = torch.load(os.path.join(iteration_dir, ckpt.model_file(tp_rank)), map_location="cpu",
-                           weights_only=False)
-        models = state.get("models", {})
+        iteration_dir = _verified_iteration_dir(path)
+        state = _load_file(os.path.join(iteration_dir, ckpt.model_file(tp_rank)))
+        models = state.get("models", {}) if isinstance(state, dict) else {}
         if name not in models:
             raise PretrainedError(f"{iteration_dir}: has no model {name!r} (it has {sorted(models)})")
         return models[name]
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # unreadable / truncated file
-        raise PretrainedError(f"{path}: cannot be read as a torch checkpoint ({type(e).__name__}: {e})") from None
+    state = _load_file(path)  # weights-only; an unreadable or truncated file is a PretrainedError
     if isinstance(state, dict) and "models" in state:
         state = state["models"].get(name, state["models"])
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):

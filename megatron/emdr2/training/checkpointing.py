@@ -69,9 +69,14 @@ def _torch_save(obj: Any, path: str) -> None:
 def get_rng_state() -> dict:
     from megatron.core import tensor_parallel
 
+    # Plain data only (tuples, ints, floats, tensors), so a weights-only load reads it back.
+    np_state = np.random.get_state(legacy=False)
     state = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": {"bit_generator": np_state["bit_generator"],
+                  "state": {"key": [int(k) for k in np_state["state"]["key"]],
+                            "pos": int(np_state["state"]["pos"])},
+                  "has_gauss": int(np_state["has_gauss"]), "gauss": float(np_state["gauss"])},
         "torch": torch.get_rng_state(),
         "tracker": {k: v.clone() if torch.is_tensor(v) else v
                     for k, v in tensor_parallel.get_cuda_rng_tracker().get_states().items()},
@@ -85,7 +90,11 @@ def set_rng_state(state: dict) -> None:
     from megatron.core import tensor_parallel
 
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    np_state = state["numpy"]
+    if isinstance(np_state, dict):  # plain data (checkpoints written since weights-only loading)
+        np_state = {**np_state, "state": {"key": np.asarray(np_state["state"]["key"], dtype=np.uint32),
+                                          "pos": int(np_state["state"]["pos"])}}
+    np.random.set_state(np_state)  # else numpy's legacy tuple, as older checkpoints hold it
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -204,10 +213,27 @@ def verify_checkpoint(path: str) -> dict:
     if not os.path.exists(mpath):
         raise CheckpointError(f"{path}: no {MANIFEST}; the checkpoint is incomplete (a save was interrupted?)")
     try:
-        manifest = json.load(open(mpath))
+        with open(mpath) as f:
+            manifest = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{mpath}: unreadable manifest ({e})") from None
-    for name, info in manifest["files"].items():
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not files:
+        what = "no 'files' entry" if not isinstance(manifest, dict) or "files" not in manifest else \
+            "an empty or malformed 'files' entry"
+        raise CheckpointError(f"{mpath}: {what}; a manifest must list every checkpoint file with its "
+                              f"size and sha256")
+    for name, info in files.items():
+        if (not isinstance(name, str) or os.path.basename(name) != name or name in ("", ".", "..")
+                or not isinstance(info, dict) or not isinstance(info.get("bytes"), int)
+                or not isinstance(info.get("sha256"), str)):
+            raise CheckpointError(f"{mpath}: malformed entry for {name!r} (expected a file name in this "
+                                  f"directory with 'bytes' and 'sha256')")
+    unlisted = sorted(n for n in os.listdir(path) if n.endswith(".pt") and n not in files)
+    if unlisted:
+        raise CheckpointError(f"{os.path.join(path, unlisted[0])}: not listed in {MANIFEST}; "
+                              f"an unverified file is never loaded")
+    for name, info in files.items():
         fpath = os.path.join(path, name)
         if not os.path.exists(fpath):
             raise CheckpointError(f"{fpath}: missing (listed in {MANIFEST})")
@@ -243,10 +269,19 @@ def load_checkpoint(root: str, iteration: Optional[int] = None, map_location="cp
         hint = f"; other checkpoints: {others} (choose one with --load-iteration)" if others else ""
         raise CheckpointError(f"{e}{hint}") from None
     ctx = SaveContext.current()
-    model_state = torch.load(os.path.join(path, model_file(ctx.tp_rank)), map_location=map_location,
-                             weights_only=False)
+    model_path = os.path.join(path, model_file(ctx.tp_rank))
+    if model_file(ctx.tp_rank) not in manifest["files"]:
+        raise CheckpointError(f"{model_path}: not in {MANIFEST} (a checkpoint of another tensor-parallel size?)")
+    model_state = load_file(model_path, map_location)
     rank_path = os.path.join(path, rank_file(ctx.global_rank))
     rank_state = None
-    if os.path.exists(rank_path) and manifest.get("world_size") == ctx.world_size:
-        rank_state = torch.load(rank_path, map_location="cpu", weights_only=False)
+    if rank_file(ctx.global_rank) in manifest["files"] and manifest.get("world_size") == ctx.world_size:
+        rank_state = load_file(rank_path, "cpu")
     return it, model_state, rank_state
+
+
+def load_file(path: str, map_location="cpu"):
+    """One checkpoint file, read without running code from it (see ``megatron.emdr2.safe_load``)."""
+    from megatron.emdr2 import safe_load
+
+    return safe_load.load(path, map_location, error=CheckpointError)
