@@ -104,9 +104,9 @@ def load_retriever(checkpoint: str, config_file: str | None = None, random_init:
 
     from megatron.emdr2.openqa.builders import PretrainedError, load_into, load_model_state
 
-    raw = {}
     from megatron.emdr2 import safe_load
 
+    raw = {}
     try:
         if path.is_file():  # read once: the state dict and its "config" live in the same file
             raw = safe_load.load(path, "cpu", error=RetrieverLoadError)  # weights-only: runs nothing
@@ -194,7 +194,6 @@ def main(argv=None) -> int:
                    help="also write a FAISS index (e.g. Flat, IVF1024,Flat, IVF4096,PQ64) as faiss.index")
     p.add_argument("--no-progress-bar", action="store_true")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     from megatron.emdr2.arguments import fail
 
     if args.model_step < 0:
@@ -204,6 +203,7 @@ def main(argv=None) -> int:
         fail(f"--batch-size must be >= 1, got {args.batch_size}", "build_index")
     if args.max_seq_length < 1:
         fail(f"--max-seq-length must be >= 1, got {args.max_seq_length}", "build_index")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
 

@@ -51,17 +51,17 @@ def hit_matrix(examples, ids: np.ndarray, evidence, mode: str) -> np.ndarray:
                      for ex, line in zip(examples, rows)], dtype=bool).reshape(ids.shape)
 
 
-def accuracy(hits: np.ndarray, ks=KS) -> dict:
-    """top{k}: fraction of questions with a hit among the first k; every k must be <= the
-    search depth (hits.shape[1]) when there are questions."""
-    if len(hits) and max(ks) > hits.shape[1]:
-        raise ValueError(f"top{max(ks)} asked of a search {hits.shape[1]} deep")
 def report_ks(depth: int, ks=KS) -> tuple[int, ...]:
     """The k reported for a search of ``depth`` passages: only k <= depth (a top-100 read off a
     top-5 search would just repeat top-5), plus the depth itself."""
     return tuple(sorted({k for k in ks if k <= depth} | {depth}))
 
 
+def accuracy(hits: np.ndarray, ks=KS) -> dict:
+    """top{k}: fraction of questions with a hit among the first k; every k must be <= the
+    search depth (hits.shape[1]) when there are questions."""
+    if len(hits) and max(ks) > hits.shape[1]:
+        raise ValueError(f"top{max(ks)} asked of a search {hits.shape[1]} deep")
     first = np.where(hits.any(1), hits.argmax(1) + 1, 0)
     out = {f"top{k}": float(np.mean((first > 0) & (first <= k))) if len(first) else 0.0 for k in ks}
     out["questions"] = int(len(first))
@@ -99,10 +99,6 @@ def main(argv=None) -> int:
     p.add_argument("--nprobe", type=int, default=None)
     p.add_argument("--no-verify", action="store_true", help="skip shard checksums (sizes still checked)")
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    import torch.distributed as dist
     from megatron.emdr2.arguments import fail
 
     if args.topk < 1:
@@ -111,6 +107,10 @@ def main(argv=None) -> int:
         fail(f"--batch-size must be >= 1, got {args.batch_size}", "eval_retrieval")
     if args.max_seq_length < 1:
         fail(f"--max-seq-length must be >= 1, got {args.max_seq_length}", "eval_retrieval")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    import torch.distributed as dist
 
     from megatron.emdr2 import initialize
     from megatron.emdr2.data.evidence import load_evidence
