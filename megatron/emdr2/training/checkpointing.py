@@ -12,7 +12,9 @@ Layout of a save directory::
 
 A checkpoint is first written as ``iter_0000200.tmp-<pid>`` and renamed when complete, so a
 process killed mid-save leaves either the previous checkpoint or the new one, never half of
-one. Loading verifies the manifest and names the file that is missing, truncated or altered.
+one. Loading verifies the manifest and names the file that is missing, truncated or altered,
+then reads each file weights-only (``megatron.emdr2.safe_load``): a checkpoint someone shares
+cannot run code when it is loaded. Files hold only tensors and plain data (RNG state included).
 """
 
 from __future__ import annotations
