@@ -6,7 +6,8 @@
     torchrun --nproc-per-node 4 tools/build_index.py --checkpoint PATH --evidence psgs_w100.tsv --output runs/index
 
 The index is written to OUTPUT/step-XXXXXXXX (the model step, --model-step) and published by
-writing its manifest last, then OUTPUT/LATEST. A retriever checkpoint (--checkpoint) is either
+writing its manifest last, then OUTPUT/LATEST; the manifest records the context tower's
+fingerprint, which the tools that search the index check. A retriever checkpoint (--checkpoint) is either
   * a Hugging Face BERT directory (config.json + model.safetensors or pytorch_model.bin, its
     vocab.txt is used): both towers are that one model, imported with the converter; or
   * a torch file {"model": BiEncoder state dict, "config": {...}} (see RetrieverConfig), or a
@@ -211,6 +212,7 @@ def main(argv=None) -> int:
     from megatron.emdr2.data.evidence import load_evidence
     from megatron.emdr2.data.inputs import encode_context
     from megatron.emdr2.index import embed_evidence, shard_store
+    from megatron.emdr2.index.fingerprint import tower_fingerprint
 
     launch = initialize.initialize(tensor_parallel=1, seed=args.seed)
     try:
@@ -227,7 +229,7 @@ def main(argv=None) -> int:
         manifest = embed_evidence(
             lambda ids, mask: tower(ids, mask), tokenize, evidence.ids, out,
             batch_size=args.batch_size, model_step=args.model_step, device=device,
-            progress=not args.no_progress_bar, overwrite=args.overwrite,
+            progress=not args.no_progress_bar, overwrite=args.overwrite, fingerprint=tower_fingerprint(tower),
             extra={"retriever": desc, "evidence": os.path.abspath(args.evidence), "max_seq_length": max_len,
                    "tokenizer": tok.name})
         if launch.rank == 0:

@@ -11,6 +11,8 @@ as DPR does. --metrics-out writes {"top1", "top5", "top20", "top50", "top100", "
 --output writes, per question, {"question", "answers", "ctxs": [{"id", "title", "text", "score",
 "has_answer"}]} (DPR's retriever output). The query tower comes from --checkpoint (the same
 formats as tools/build_index.py); --backend faiss searches a FAISS file instead (one process).
+An index whose manifest says another context tower embedded it is refused (exit 2) unless
+--allow-index-mismatch; one without a recorded fingerprint is searched with a warning.
 """
 
 from __future__ import annotations
@@ -98,6 +100,8 @@ def main(argv=None) -> int:
     p.add_argument("--faiss-index", default=None, help="FAISS file (default: INDEX_VERSION/faiss.index)")
     p.add_argument("--nprobe", type=int, default=None)
     p.add_argument("--no-verify", action="store_true", help="skip shard checksums (sizes still checked)")
+    p.add_argument("--allow-index-mismatch", action="store_true",
+                   help="search the index even if another context tower embedded it (warning only)")
     args = p.parse_args(argv)
     from megatron.emdr2.arguments import fail
 
@@ -115,13 +119,16 @@ def main(argv=None) -> int:
     from megatron.emdr2 import initialize
     from megatron.emdr2.data.evidence import load_evidence
     from megatron.emdr2.data.qa import load_qa
-    from megatron.emdr2.index import ShardedIndex, shard_store
+    from megatron.emdr2.index import ShardedIndex, fingerprint, shard_store
 
     launch = initialize.initialize(tensor_parallel=1, seed=args.seed)
     try:
         device = initialize.device()
         model, tok, _ = load_retriever(args.checkpoint, args.config, args.random_init, args.seed)
         model = model.to(device)
+        # Was the index embedded by this retriever's context tower? (before any search)
+        fingerprint.check(shard_store.read_manifest(args.index), fingerprint.tower_fingerprint(model.context_encoder),
+                          f"checkpoint {args.checkpoint}", args.allow_index_mismatch)
         examples = load_qa(args.qa_file)
         evidence = load_evidence(args.evidence)
         world, rank = launch.world_size, launch.rank

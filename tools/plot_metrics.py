@@ -28,7 +28,11 @@ def read_metrics(path: str) -> tuple[list[dict], list[dict]]:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
                 raise SystemExit(f"plot_metrics: error: {path}:{line_no}: not JSON ({e.msg})")
-            (train if rec.get("kind") == "train" else evals).append(rec)
+            kind = rec.get("kind")
+            if kind == "train":
+                train.append(rec)
+            elif kind != "test":  # test files scored after training are not a curve
+                evals.append(rec)
     # A resumed run appends: keep the last record of each iteration.
     dedup = lambda recs: sorted({r["iteration"]: r for r in recs}.values(), key=lambda r: r["iteration"])
     return dedup(train), dedup(evals)

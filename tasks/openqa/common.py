@@ -88,6 +88,12 @@ def add_openqa_args(parser: argparse.ArgumentParser, retriever: ModelSize = RETR
                         "undertrained reader's 'the the the ...' loops")
     g.add_argument("--predictions-file", default=None,
                    help="JSON lines of dev predictions ({iteration} is replaced)")
+    g.add_argument("--eval-top-k-list", type=int, nargs="+", default=[1, 5, 20], metavar="K",
+                   help="the top-k retrieval accuracies evaluations report, as top{k} (default: 1 5 "
+                        "20; the original reported 1 5 20 50 100); k beyond --top-k searches deeper")
+    g.add_argument("--allow-index-mismatch", action="store_true",
+                   help="search an existing index even if its manifest says another context tower "
+                        "embedded it (default: refuse; see docs/evaluation.md)")
 
 
 def training_world(args, world: int) -> int:
@@ -162,6 +168,9 @@ def openqa_paths(args) -> list[tuple[str, str]]:
 
 
 def check_decoding_args(args, prog: str) -> None:
+    """Decoding and evaluation flags (every command that answers questions)."""
+    if any(k < 1 for k in getattr(args, "eval_top_k_list", [1])):
+        fail(f"--eval-top-k-list {' '.join(map(str, args.eval_top_k_list))}: every k must be >= 1", prog)
     if args.num_beams < 1:
         fail("--num-beams must be >= 1", prog)
     if args.no_repeat_ngram_size < 0:
@@ -214,7 +223,9 @@ def qa_config(args):
         eval_max_questions=args.eval_max_questions, eval_batch_size=args.eval_batch_size,
         num_beams=args.num_beams, no_repeat_ngram_size=getattr(args, "no_repeat_ngram_size", 0),
         predictions_file=args.predictions_file,
-        train_answer=getattr(args, "train_answer", "first"))
+        train_answer=getattr(args, "train_answer", "first"),
+        eval_top_k=tuple(dict.fromkeys(getattr(args, "eval_top_k_list", None) or (1, 5, 20))),
+        allow_index_mismatch=getattr(args, "allow_index_mismatch", False))
 
 
 def refresh_config(args):
@@ -286,14 +297,15 @@ def indexer_main(args, cfg: TrainingConfig) -> None:
     size = role_sizes(args)["retriever"]
     biencoder = builders.build_biencoder(size, rtok.vocab_size, cfg.precision.precision, shared=True)
 
-    def embed_version(step: int, tower_state: dict, out_dir: str) -> None:
+    def embed_version(step: int, tower_state: dict, out_dir: str, meta: dict) -> None:
         biencoder.query_tower.load_state_dict(tower_state, strict=False)
         missing = set(biencoder.query_tower.state_dict()) - set(tower_state)
         if any(not k.endswith("_extra_state") for k in missing):
             raise KeyError(f"context tower weights lack {sorted(missing)[:3]}")
         with autocast(device, cfg.precision.autocast_dtype):
             build_index(biencoder, rtok, evidence, out_dir, model_step=step,
-                        batch_size=args.embed_batch_size, max_len=args.context_max_len, progress=False)
+                        batch_size=args.embed_batch_size, max_len=args.context_max_len, progress=False,
+                        extra=meta)
 
     run_indexer(refresh_config(args), embed_version)
 

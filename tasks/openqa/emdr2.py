@@ -41,7 +41,30 @@ def build_parser() -> ArgumentParser:
                              "dropped), in every file format: the paper's TriviaQA rule is N=5 "
                              "(examples/emdr2_trivia.sh sets it). Default: 5 for the official TriviaQA "
                              "json, no limit otherwise")
+    parser.add_argument("--test-data", nargs="+", action="extend", default=None, metavar="FILE",
+                        help="QA files or glob patterns scored on the final model after the last step "
+                             "(never used to pick checkpoints): EM, reading accuracy and the "
+                             "--eval-top-k-list accuracies per file, written to --test-metrics-dir")
+    parser.add_argument("--test-metrics-dir", default=None,
+                        help="where each --test-data file's <name>.json and <name>.predictions.jsonl "
+                             "go (default: SAVE/test)")
     return parser
+
+
+def test_files(args, prog: str = "emdr2") -> list[str]:
+    """--test-data expanded (globs), checked to exist; [] without it. One-line errors, exit 2."""
+    from megatron.emdr2.config import ConfigError
+    from megatron.emdr2.openqa.evaluation import expand_qa_files
+
+    if not args.test_data:
+        return []
+    try:
+        files = expand_qa_files(args.test_data, "--test-data")
+    except ConfigError as e:
+        common.fail(str(e), prog)
+    if not (args.test_metrics_dir or args.save):
+        common.fail("--test-data needs --test-metrics-dir or --save (where the results go)", prog)
+    return files
 
 
 def train_examples(args):
@@ -58,10 +81,14 @@ def make_task(args, cfg):
     from megatron.emdr2.data.qa import load_qa
     from megatron.emdr2.openqa.emdr2_task import OpenQATask
 
+    from megatron.emdr2.openqa.evaluation import load_qa_sets
+
     rtok, tok = common.tokenizers(args)
+    tests = load_qa_sets(getattr(args, "test_files", []))  # read before training: a bad file fails now, not at the end
+    out = args.test_metrics_dir or (os.path.join(args.save, "test") if args.save else None)
     return OpenQATask(common.qa_config(args), cfg, train_examples(args),
                       load_qa(args.dev_data), load_evidence(args.evidence), rtok, tok,
-                      common.refresh_config(args))
+                      common.refresh_config(args), test_sets=tests, test_out_dir=out)
 
 
 def main(argv=None):
@@ -73,6 +100,7 @@ def main(argv=None):
     common.check_openqa_args(args, cfg, parser.prog)
     if args.max_train_answer_words is not None and args.max_train_answer_words < 1:
         common.fail("--max-train-answer-words must be >= 1", parser.prog)
+    args.test_files = test_files(args, parser.prog)
     common.run_roles(args, cfg, lambda: make_task(args, cfg), lambda: common.indexer_main(args, cfg))
 
 

@@ -1,10 +1,16 @@
-"""Evaluate a trained reader-retriever on a QA file: exact match and top-k retrieval accuracy.
+"""Evaluate a trained reader-retriever on QA files: exact match and top-k retrieval accuracy.
 
     python -m tasks.openqa.evaluate --load runs/emdr2 --qa-file data/nq-mini/dev.tsv \
         --index-dir runs/emdr2-index --metrics-out runs/dev_metrics.json
+    python -m tasks.openqa.evaluate --load runs/emdr2 --qa-file 'data/qas/*-test.csv' nq-dev.tsv \
+        --index-dir runs/emdr2-index --metrics-dir runs/emdr2/test --eval-top-k-list 1 5 20 50 100
 
 Builds the index with the checkpoint's context tower when --index-dir has none (or with
---rebuild-index). Runs on any number of ranks (torchrun): questions are split across them.
+--rebuild-index); an existing index embedded by another context tower is refused (its manifest
+records the tower's fingerprint) unless --allow-index-mismatch. The model and index are loaded
+once and every --qa-file (paths or glob patterns) is scored in turn: --metrics-dir gets one
+<name>.json per file (and <name>.predictions.jsonl), --metrics-out the metrics of a single file.
+Runs on any number of ranks (torchrun): questions are split across them.
 """
 
 from __future__ import annotations
@@ -18,40 +24,61 @@ from tasks.openqa import common
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="evaluate", description=__doc__.split("\n")[0])
     common.add_inference_args(parser)
-    parser.add_argument("--qa-file", default=os.path.join(common.NQ_MINI, "dev.tsv"))
-    parser.add_argument("--metrics-out", default=None, help="JSON file: em, top1, top5, top20, questions")
+    parser.add_argument("--qa-file", nargs="+", action="extend", default=None, metavar="FILE",
+                        help="QA files or glob patterns, scored one by one (default: nq-mini dev)")
+    parser.add_argument("--metrics-out", default=None,
+                        help="JSON file: em, top{k} for each --eval-top-k-list k, questions, "
+                             "reading_accuracy, read_questions (one --qa-file only)")
+    parser.add_argument("--metrics-dir", default=None,
+                        help="directory: <name>.json and <name>.predictions.jsonl per --qa-file "
+                             "(<name>: the file name without its extension)")
     return parser
 
 
 def main(argv=None):
+    from megatron.emdr2.config import ConfigError
+    from megatron.emdr2.openqa.evaluation import expand_qa_files
+
     args = build_parser().parse_args(argv)
-    for flag, path in [("--load", args.load), ("--qa-file", args.qa_file), ("--evidence", args.evidence)]:
+    for flag, path in [("--load", args.load), ("--evidence", args.evidence)]:
         if not os.path.exists(path):
             fail(f"{flag} {path}: no such file or directory", "evaluate")
+    try:
+        files = expand_qa_files(args.qa_file or [os.path.join(common.NQ_MINI, "dev.tsv")], "--qa-file")
+    except ConfigError as e:
+        fail(str(e), "evaluate")
+    if args.metrics_out and len(files) > 1:
+        fail(f"--metrics-out holds one file's metrics but --qa-file names {len(files)} files; "
+             f"use --metrics-dir", "evaluate")
+    if args.predictions_file and len(files) > 1 and "{name}" not in args.predictions_file:
+        fail("--predictions-file with several --qa-file files must contain {name}", "evaluate")
     common.check_decoding_args(args, "evaluate")
     common.setup_logging()
-    from megatron.emdr2.data.qa import load_qa
     from megatron.emdr2.initialize import shutdown
-    from megatron.emdr2.openqa.evaluation import evaluate_open_qa
+    from megatron.emdr2.openqa.evaluation import load_qa_sets, score_files
     from megatron.emdr2.training.launch import _user_errors
 
     try:
-        examples = load_qa(args.qa_file)
-        if args.eval_max_questions:
-            examples = examples[: args.eval_max_questions]
+        sets = load_qa_sets(files, args.eval_max_questions)  # every file read before any work
         with common.inference_autocast(args):
             task, models = common.load_for_inference(args)
-            metrics = evaluate_open_qa(task, models, examples, predictions_file=args.predictions_file)
+            results = score_files(task, models, sets, args.metrics_dir, predictions=True,
+                                  predictions_file=args.predictions_file,
+                                  about={"checkpoint": os.path.abspath(args.load),
+                                         "index": str(task.index_manager.version_dir)})
     except _user_errors() as e:
         fail(str(e), "evaluate")
     finally:
         shutdown()
-    import torch.distributed as dist
 
-    print(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+    for name, metrics in results.items():
+        line = " | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+        print(line if len(results) == 1 else f"{name}: {line}")
     if args.metrics_out:
-        common.write_json_atomic(args.metrics_out, metrics)
+        common.write_json_atomic(args.metrics_out, next(iter(results.values())))
         print(args.metrics_out)
+    if args.metrics_dir:
+        print(args.metrics_dir)
 
 
 if __name__ == "__main__":

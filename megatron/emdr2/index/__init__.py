@@ -5,6 +5,7 @@
 - ``sharded_index.ShardedIndex``: the index across a process group (load, search).
 - ``embed.embed_evidence``: each rank embeds its slice of the evidence and writes its shard.
 - ``faiss_backend.FaissIndex``: optional FAISS serving backend (flat, IVF, PQ).
+- ``fingerprint``: which context tower embedded an index (recorded in the manifest, checked at load).
 """
 
 from megatron.emdr2.index.embed import embed_evidence

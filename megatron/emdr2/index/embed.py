@@ -48,12 +48,15 @@ def embed_evidence(encoder: Encoder, tokenize: Tokenize, evidence_ids: np.ndarra
                    group=None, device: torch.device | str | None = None,
                    compute_dtype: torch.dtype | None = None, progress: bool = True,
                    overwrite: bool = False, extra: dict | None = None,
-                   log_interval_s: float = 30.0) -> shard_store.Manifest:
+                   log_interval_s: float = 30.0, fingerprint: str | None = None) -> shard_store.Manifest:
     """Embed all evidence rows over the ranks of ``group`` and publish an index in ``out_dir``.
 
     ``encoder`` maps a token batch to [B, H] embeddings (e.g. a context tower);
     ``tokenize`` maps evidence row numbers to that batch (``evidence_ids[row]`` is the row's id).
     ``compute_dtype``: autocast dtype (default: fp16 on GPU, fp32 on CPU). Collective.
+    ``fingerprint``: ``fingerprint.tower_fingerprint`` of the tower behind ``encoder``, written in
+    the manifest (``extra["context_tower_sha256"]``) so that loaders can check which tower
+    embedded the index.
     """
     rank, world = _world(group)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -61,6 +64,10 @@ def embed_evidence(encoder: Encoder, tokenize: Tokenize, evidence_ids: np.ndarra
         compute_dtype = torch.float16 if device.type == "cuda" else torch.float32
     evidence_ids = np.asarray(evidence_ids, dtype=np.int64)
     out_dir = os.fspath(out_dir)
+    if fingerprint is not None:
+        from megatron.emdr2.index.fingerprint import FINGERPRINT_KEY
+
+        extra = {**(extra or {}), FINGERPRINT_KEY: fingerprint}
 
     error = None
     if rank == 0:

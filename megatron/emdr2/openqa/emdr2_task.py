@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import uuid
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -65,10 +66,17 @@ class OpenQAConfig:
     # Which gold answer a training question is taught: "first" (answers[0], always the same) or
     # "random" (the original's: a gold answer drawn afresh each time the question is drawn).
     train_answer: str = "first"
+    # The k of the top-k retrieval accuracies that evaluations report (as "top{k}").
+    eval_top_k: tuple = (1, 5, 20)
+    # Search an existing index even if another context tower embedded it (logged as a warning).
+    allow_index_mismatch: bool = False
 
     def __post_init__(self):
         if self.train_answer not in TRAIN_ANSWERS:
             raise ValueError(f"train_answer {self.train_answer!r} is not one of {TRAIN_ANSWERS}")
+        self.eval_top_k = tuple(int(k) for k in self.eval_top_k)
+        if not self.eval_top_k or min(self.eval_top_k) < 1:
+            raise ValueError(f"eval_top_k {self.eval_top_k}: give one or more k >= 1")
 
 
 @dataclass
@@ -87,7 +95,10 @@ class OpenQATask:
     """EMDR² fine-tuning on (question, answers) pairs; MSS subclasses it with other examples."""
 
     def __init__(self, qa_cfg: OpenQAConfig, cfg: TrainingConfig, train_examples, dev_examples,
-                 evidence, retriever_tok, reader_tok, refresh: RefreshConfig):
+                 evidence, retriever_tok, reader_tok, refresh: RefreshConfig,
+                 test_sets: Sequence = (), test_out_dir: Optional[str] = None):
+        """``test_sets``: (name, path, examples) scored on the final model after training, each
+        written to ``test_out_dir``/<name>.json (``on_train_end``)."""
         self.qa, self.cfg = qa_cfg, cfg
         self.train_examples, self.dev_examples = train_examples, dev_examples
         self.evidence = evidence
@@ -97,6 +108,13 @@ class OpenQATask:
         self._biencoder = None
         self._frozen_contexts: dict[int, torch.Tensor] = {}  # passage id -> embedding (frozen tower)
         self._iteration = 0  # optimizer steps done (checkpointed): keys the "random" answer draws
+        self.test_sets, self.test_out_dir = list(test_sets), test_out_dir
+        # This training run, written in the manifests of the index versions it builds: on a resume
+        # an index of the same run is accepted although its tower is some steps older.
+        self._run_id = uuid.uuid4().hex
+        self._accepted_index_fingerprints: list[str] = []  # indexes accepted when the run started
+        self._index_todo: Optional[str] = None  # "check" / "build" once resumed weights are in
+        self._build_sync = None
 
     # ------------------------------------------------------------------ models
     def build_models(self):
@@ -139,21 +157,94 @@ class OpenQATask:
             logger.info("context tower frozen: the index is not refreshed (interval %d ignored)", r.interval)
             r = dataclasses.replace(r, interval=0)
 
+        from megatron.emdr2.openqa.index_refresh import _broadcast_object
+
+        self._run_id = _broadcast_object(self._run_id)  # one id for all trainer ranks
+
         def build_sync(step: int) -> str:
             out = f"{r.index_dir}/{shard_store.version_name(step)}"
             return build_index(biencoder, self.rtok, self.evidence, out, model_step=step,
-                               batch_size=r.embed_batch_size, max_len=self.qa.context_max_len)
+                               batch_size=r.embed_batch_size, max_len=self.qa.context_max_len,
+                               extra={"run_id": self._run_id})
 
         def context_state() -> dict:
             return biencoder.context_encoder.state_dict()
 
-        self.index_manager = IndexManager(r, build_sync, context_state)
+        self._build_sync = build_sync
+        self.index_manager = IndexManager(r, build_sync, context_state,
+                                          tower_meta=lambda: {"run_id": self._run_id})
+        resuming = self._resuming()
         try:
             shard_store.resolve(r.index_dir)
-            self.index_manager.load(r.index_dir)
         except shard_store.IndexStoreError:
+            if resuming:  # embed with the resumed weights, once they are loaded (on_train_start)
+                self._index_todo = "build"
+                return
             logger.info("no index in %s yet: embedding the evidence with the initial context tower", r.index_dir)
             self.index_manager.load(build_sync(0))
+            return
+        self.index_manager.load(r.index_dir)
+        if resuming:  # the weights that will search it are not loaded yet
+            self._index_todo = "check"
+        else:
+            self._check_index(biencoder, resumed=False)
+
+    def _resuming(self) -> bool:
+        """Will the training loop replace the weights from --load (resume or fine-tune)?"""
+        from megatron.emdr2.training import checkpointing as ckpt
+
+        c = getattr(self.cfg, "checkpoint", None)
+        if c is None or not c.load:
+            return False
+        try:
+            return ckpt.resolve_iteration(c.load, c.load_iteration) is not None
+        except ckpt.CheckpointError:
+            return True  # the loop reports it
+
+    def _tower_source(self, resumed: bool) -> str:
+        """Where the context tower's weights came from, for messages."""
+        if resumed:
+            return f"checkpoint {self.cfg.checkpoint.load}"
+        if self.qa.retriever_load:
+            return f"checkpoint {self.qa.retriever_load}"
+        if self.qa.retriever_bert_load:
+            return f"BERT {self.qa.retriever_bert_load}"
+        return f"a randomly initialised context tower (seed {self.cfg.seed})"
+
+    def _check_index(self, biencoder, resumed: bool, iteration: int = 0) -> None:
+        """Was the loaded index embedded by this model's context tower (``index/fingerprint.py``)?
+        A version this run built (its manifest carries the run's id), or on a resume the one the
+        run started from, is accepted too: the index legitimately lags the towers during training
+        (the lag is logged)."""
+        from megatron.emdr2.index import fingerprint as fp
+        from megatron.emdr2.index import shard_store
+
+        manifest = shard_store.read_manifest(self.index_manager.version_dir)
+        recorded = fp.recorded_fingerprint(manifest)
+        if recorded is not None:
+            if (manifest.extra or {}).get("run_id") == self._run_id:
+                logger.info("%s: built by this run at step %d (%d steps behind iteration %d)",
+                            manifest.directory, manifest.model_step, iteration - manifest.model_step, iteration)
+                return
+            if resumed and recorded in self._accepted_index_fingerprints:
+                logger.info("%s: the index this run started from (model step %d, %d steps behind)",
+                            manifest.directory, manifest.model_step, iteration - manifest.model_step)
+                return
+        status = fp.check(manifest, fp.tower_fingerprint(biencoder.context_encoder),
+                          self._tower_source(resumed), self.qa.allow_index_mismatch, logger)
+        if recorded is not None and status != "unrecorded" and recorded not in self._accepted_index_fingerprints:
+            self._accepted_index_fingerprints.append(recorded)
+
+    def on_train_start(self, models, iteration: int) -> None:
+        """After a resume / fine-tuning load: check the existing index against the weights now in
+        the towers, or embed the evidence with them when there was none."""
+        todo, self._index_todo = self._index_todo, None
+        if todo == "build":
+            logger.info("no index in %s: embedding the evidence with the loaded context tower",
+                        self.refresh_cfg.index_dir)
+            self.index_manager.load(self._build_sync(iteration))
+        elif todo == "check":
+            self._check_index(self._biencoder, resumed=True, iteration=iteration)
 
     # ------------------------------------------------------------------ data
     def num_train_samples(self) -> int:
@@ -287,6 +378,14 @@ class OpenQATask:
         metrics["score"] = metrics["em"]
         return metrics
 
+    def on_train_end(self, models, iteration: int) -> Optional[dict]:
+        """Score every --test-data file on the final model; {name: metrics} for the log."""
+        if not self.test_sets:
+            return None
+        from megatron.emdr2.openqa.evaluation import score_files
+
+        return score_files(self, models, self.test_sets, self.test_out_dir, iteration)
+
     def checkpoint_meta(self) -> dict:
         from dataclasses import asdict
 
@@ -298,11 +397,15 @@ class OpenQATask:
 
     def state_dict(self) -> dict:
         return {"index_version": self.index_manager.version if self.index_manager else None,
-                "iteration": self._iteration}
+                "iteration": self._iteration, "run_id": self._run_id,
+                "accepted_index_fingerprints": list(self._accepted_index_fingerprints)}
 
     def load_state_dict(self, state: dict) -> None:
         # The newest published index is picked up at start; the iteration keys answer draws.
         self._iteration = int(state.get("iteration", 0))
+        # The run continues: its index versions (and the index it started from) stay valid.
+        self._run_id = state.get("run_id", self._run_id)
+        self._accepted_index_fingerprints = list(state.get("accepted_index_fingerprints", []))
 
     def close(self) -> None:
         if self.index_manager is not None:

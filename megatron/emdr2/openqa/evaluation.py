@@ -8,7 +8,9 @@ with the retrieved passages and their retrieval probabilities (the paper's Table
 
 from __future__ import annotations
 
+import glob
 import json
+import logging
 import math
 import os
 from typing import Optional, Sequence
@@ -21,7 +23,9 @@ from megatron.emdr2.data.answers import exact_match
 from megatron.emdr2.data.inputs import encode_context
 from megatron.emdr2.openqa.retrieval import first_hit_ranks, top_k_accuracy
 
-RETRIEVAL_KS = (1, 5, 20)
+RETRIEVAL_KS = (1, 5, 20)  # the default of --eval-top-k-list (OpenQAConfig.eval_top_k)
+
+logger = logging.getLogger(__name__)
 
 
 def _dp():
@@ -80,13 +84,16 @@ def predict_batch(task, models, examples: Sequence, k_search: int, passages_in_o
 
 @torch.no_grad()
 def evaluate_open_qa(task, models, examples: Sequence, iteration: int = 0,
-                     predictions_file: Optional[str] = None, passages_in_output: int = 5) -> dict:
-    """EM and top-k retrieval accuracy of the task's retriever + reader on ``examples``."""
+                     predictions_file: Optional[str] = None, passages_in_output: int = 5,
+                     ks: Optional[Sequence[int]] = None) -> dict:
+    """EM and top-k retrieval accuracy of the task's retriever + reader on ``examples``;
+    ``ks``: the top-k accuracies reported (default: the task's ``eval_top_k``)."""
+    ks = tuple(ks or getattr(task.qa, "eval_top_k", RETRIEVAL_KS))
     rank, world, group = _dp()
     mine = list(range(rank, len(examples), world))
     bs = task.qa.eval_batch_size
     steps = math.ceil(math.ceil(len(examples) / world) / bs) if examples else 0
-    k_search = max(task.qa.top_k, max(RETRIEVAL_KS))
+    k_search = max(task.qa.top_k, max(ks))
     records = []
     first = not dist.is_initialized() or dist.get_rank() == 0
     bar = _progress(len(mine), first, "evaluate")
@@ -111,7 +118,7 @@ def evaluate_open_qa(task, models, examples: Sequence, iteration: int = 0,
     records.sort(key=lambda r: r["index"])
     ranks = np.array([r["first_hit_rank"] for r in records])
     metrics = {"em": float(np.mean([r["em"] for r in records])) if records else 0.0,
-               **top_k_accuracy(ranks, RETRIEVAL_KS), "questions": len(records),
+               **top_k_accuracy(ranks, ks), "questions": len(records),
                **reading_accuracy(records, task.qa.top_k)}
     if predictions_file and first:
         write_predictions(predictions_file, records, iteration)
@@ -135,3 +142,87 @@ def write_predictions(path: str, records: list[dict], iteration: int = 0) -> Non
         for r in records:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
     os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------- several QA files
+
+def expand_qa_files(patterns: Sequence[str], flag: str) -> list[str]:
+    """Paths and glob patterns -> the files, in the order given (a pattern's matches sorted),
+    each once. A pattern that matches nothing, or a missing path, is a ``ConfigError``."""
+    from megatron.emdr2.config import ConfigError
+
+    out: list[str] = []
+    for pattern in patterns:
+        if glob.has_magic(pattern):
+            matches = sorted(p for p in glob.glob(pattern) if os.path.isfile(p))
+            if not matches:
+                raise ConfigError(f"{flag} {pattern}: no file matches")
+        elif not os.path.isfile(pattern):
+            raise ConfigError(f"{flag} {pattern}: no such file")
+        else:
+            matches = [pattern]
+        out += [m for m in matches if m not in out]
+    return out
+
+
+def result_names(paths: Sequence[str]) -> list[str]:
+    """A short unique name per file for its result files: the file name without its extension
+    ("nq-test.csv" -> "nq-test"); repeated names get "-2", "-3"... in the order given."""
+    names, seen = [], {}
+    for path in paths:
+        base = os.path.basename(path)
+        stem = base.split(".")[0] or base
+        seen[stem] = seen.get(stem, 0) + 1
+        names.append(stem if seen[stem] == 1 else f"{stem}-{seen[stem]}")
+    return names
+
+
+def load_qa_sets(paths: Sequence[str], max_questions: Optional[int] = None) -> list[tuple]:
+    """(name, path, examples) per QA file (any format ``load_qa`` reads); bad records raise
+    ``DataError`` naming the file and record."""
+    from megatron.emdr2.data.qa import load_qa
+
+    sets = []
+    for name, path in zip(result_names(paths), paths):
+        examples = load_qa(path)
+        if max_questions:
+            examples = examples[:max_questions]
+        sets.append((name, path, examples))
+    return sets
+
+
+def write_json_atomic(path: str, obj) -> None:
+    from megatron.emdr2 import fileio
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fileio.atomic_write_text(path, json.dumps(obj, indent=1) + "\n", tmp_suffix=".partial")
+
+
+def score_files(task, models, sets: Sequence[tuple], out_dir: Optional[str], iteration: int = 0,
+                about: Optional[dict] = None, predictions: bool = True,
+                predictions_file: Optional[str] = None) -> dict[str, dict]:
+    """Evaluate each (name, path, examples) and, when ``out_dir`` is given, write
+    ``out_dir/<name>.json`` (the metrics, plus "qa_file", "iteration" and ``about``; atomically,
+    by the first rank) and ``out_dir/<name>.predictions.jsonl``; ``predictions_file`` (its
+    "{name}" replaced) overrides where predictions go. Logs each file's metrics; returns
+    {name: metrics}. Collective over data-parallel ranks."""
+    first = not dist.is_initialized() or dist.get_rank() == 0
+    results = {}
+    for name, path, examples in sets:
+        preds = None
+        if predictions_file:
+            preds = predictions_file.replace("{name}", name)
+        elif out_dir and predictions:
+            preds = os.path.join(out_dir, f"{name}.predictions.jsonl")
+        metrics = evaluate_open_qa(task, models, examples, iteration=iteration, predictions_file=preds)
+        results[name] = metrics
+        if first:
+            logger.info("%s (%s) at iteration %d: %s", name, path, iteration,
+                        " | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                   for k, v in metrics.items()))
+            if out_dir:
+                out = os.path.join(out_dir, f"{name}.json")
+                write_json_atomic(out, {**metrics, "qa_file": os.path.abspath(path), "iteration": iteration,
+                                        **(about or {})})
+                logger.info("%s: wrote %s", name, out)
+    return results

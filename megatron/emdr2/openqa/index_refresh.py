@@ -61,12 +61,14 @@ class Exchange:
             stop.unlink()  # a previous run's signal must not stop this one
 
     # trainer side --------------------------------------------------------------
-    def publish_tower(self, step: int, state_dict: dict) -> Path:
+    def publish_tower(self, step: int, state_dict: dict, meta: Optional[dict] = None) -> Path:
+        """``meta``: small JSON-able facts the indexers write into the version's manifest
+        (e.g. the training run's id)."""
         self.towers.mkdir(parents=True, exist_ok=True)
         path = self.towers / f"{shard_store.version_name(step)}.pt"
         tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
         tensors = {k: v.detach().cpu() for k, v in state_dict.items() if torch.is_tensor(v)}
-        torch.save({"step": step, "state_dict": tensors}, tmp)
+        torch.save({"step": step, "state_dict": tensors, "meta": dict(meta or {})}, tmp)
         os.replace(tmp, path)
         shard_store.atomic_write_text(self.towers / "LATEST", f"{step}\n")
         # Indexers want only the newest tower; keep one older file for an indexer that is
@@ -90,8 +92,13 @@ class Exchange:
 
     def load_tower(self, step: int) -> dict:
         """The tower's tensors (megatron's empty ``_extra_state`` entries are not handed over)."""
-        return torch.load(self.towers / f"{shard_store.version_name(step)}.pt", map_location="cpu",
-                          weights_only=True)["state_dict"]
+        return self.load_tower_and_meta(step)[0]
+
+    def load_tower_and_meta(self, step: int) -> tuple[dict, dict]:
+        """(the tower's tensors, the meta the trainers published with them)."""
+        payload = torch.load(self.towers / f"{shard_store.version_name(step)}.pt", map_location="cpu",
+                             weights_only=True)
+        return payload["state_dict"], payload.get("meta", {})
 
     def stop_requested(self) -> bool:
         return (self.root / "STOP").exists()
@@ -136,12 +143,15 @@ class IndexManager:
     """
 
     def __init__(self, cfg: RefreshConfig, build_sync: Callable[[int], str],
-                 context_state: Callable[[], dict], group=None, device=None):
+                 context_state: Callable[[], dict], group=None, device=None,
+                 tower_meta: Optional[Callable[[], dict]] = None):
         self.cfg, self.build_sync, self.context_state = cfg, build_sync, context_state
+        self.tower_meta = tower_meta  # published with each tower, written in the indexers' manifests
         self.group, self.device = group, device
         self.exchange = Exchange(cfg.index_dir)
         self.index: Optional[ShardedIndex] = None
         self.version: Optional[str] = None
+        self.version_dir: Optional[Path] = None
         self.refreshes = 0
         self._pending: Optional[tuple[str, threading.Thread, dict]] = None
         self.rank = dist.get_rank(group) if dist.is_initialized() else 0
@@ -149,8 +159,9 @@ class IndexManager:
             self.exchange.prepare()
 
     def load(self, version_dir: str | os.PathLike) -> None:
-        self.index = ShardedIndex.load(version_dir, group=self.group, device=self.device)
-        self.version = Path(shard_store.resolve(version_dir)).name
+        resolved = Path(shard_store.resolve(version_dir))
+        self.index = ShardedIndex.load(resolved, group=self.group, device=self.device)
+        self.version, self.version_dir = resolved.name, resolved
 
     def staleness(self, iteration: int) -> int:
         return iteration - (self.index.model_step if self.index is not None else 0)
@@ -168,7 +179,8 @@ class IndexManager:
         if self.rank == 0:
             self.exchange.beat()
         if self.cfg.interval and iteration % self.cfg.interval == 0 and self.rank == 0:
-            self.exchange.publish_tower(iteration, self.context_state())
+            self.exchange.publish_tower(iteration, self.context_state(),
+                                        self.tower_meta() if self.tower_meta else None)
         # Which version is newest? Rank 0 reads the pointer; everyone follows its answer.
         newest = _broadcast_object(latest_version(self.cfg.index_dir) if self.rank == 0 else None, self.group)
         if newest and newest != self.version and (self._pending is None or self._pending[0] != newest):
@@ -183,6 +195,7 @@ class IndexManager:
                                    name, box["error"], self.version)
                     return
                 self.index, self.version = box["index"], name
+                self.version_dir = Path(self.cfg.index_dir) / name
                 self.refreshes += 1
                 logger.info("switched to index %s (model step %d) at iteration %d",
                             name, self.index.model_step, iteration)
@@ -219,12 +232,13 @@ def _watchdog(exchange: Exchange, grace: float, heartbeat_timeout: float) -> Non
             os._exit(0)
 
 
-def run_indexer(cfg: RefreshConfig, embed_version: Callable[[int, dict, str], None],
+def run_indexer(cfg: RefreshConfig, embed_version: Callable[[int, dict, str, dict], None],
                 group=None, grace_seconds: float = 5.0) -> int:
     """Indexer ranks' main loop; returns the number of index versions published.
 
-    ``embed_version(step, tower_state, out_dir)`` loads the weights into a context tower and
-    runs the (collective) evidence embedding into ``out_dir``.
+    ``embed_version(step, tower_state, out_dir, meta)`` loads the weights into a context tower
+    and runs the (collective) evidence embedding into ``out_dir`` (``meta``: what the trainers
+    published with the tower, for the manifest).
     """
     exchange = Exchange(cfg.index_dir)
     rank = dist.get_rank(group) if dist.is_initialized() else 0
@@ -246,11 +260,11 @@ def run_indexer(cfg: RefreshConfig, embed_version: Callable[[int, dict, str], No
             time.sleep(cfg.poll_seconds)
             continue
         try:
-            state = exchange.load_tower(step)
+            state, meta = exchange.load_tower_and_meta(step)
         except FileNotFoundError:  # replaced by a newer tower meanwhile
             continue
         t0 = time.perf_counter()
-        embed_version(step, state, str(Path(cfg.index_dir) / shard_store.version_name(step)))
+        embed_version(step, state, str(Path(cfg.index_dir) / shard_store.version_name(step)), meta)
         done = step
         published += 1
         if rank == 0:

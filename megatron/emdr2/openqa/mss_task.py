@@ -71,6 +71,7 @@ class MSSTask(OpenQATask):
         return {**super().state_dict(), "iteration": self._iteration}
 
     def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)  # the run's id and accepted indexes too
         self._iteration = int(state.get("iteration", 0))
 
     def checkpoint_meta(self) -> dict:

@@ -29,10 +29,13 @@ def embed_queries(biencoder, tok, questions: Sequence[str], max_len: int = RETRI
 
 
 def build_index(biencoder, tok, evidence, out_dir: str, model_step: int = 0, batch_size: int = 128,
-                max_len: int = RETRIEVER_MAX_LEN, group=None, progress: bool = True) -> str:
+                max_len: int = RETRIEVER_MAX_LEN, group=None, progress: bool = True,
+                extra: Optional[dict] = None) -> str:
     """Embed every passage with the context tower and publish an index version at ``out_dir``
-    (collective over ``group``). Returns ``out_dir``."""
+    (collective over ``group``), its manifest recording the tower's fingerprint and ``extra``.
+    Returns ``out_dir``."""
     from megatron.emdr2.index.embed import embed_evidence
+    from megatron.emdr2.index.fingerprint import tower_fingerprint
 
     tower = biencoder.context_encoder
     was_training = tower.training
@@ -45,7 +48,7 @@ def build_index(biencoder, tok, evidence, out_dir: str, model_step: int = 0, bat
         embed_evidence(lambda ids, mask: tower(ids, mask), context_tokenizer(tok, evidence, max_len),
                        evidence.ids, out_dir, batch_size=batch_size, model_step=model_step, group=group,
                        compute_dtype=None if dtype == torch.float32 else dtype, progress=progress,
-                       overwrite=True)
+                       overwrite=True, extra=extra, fingerprint=tower_fingerprint(tower))
     finally:
         tower.train(was_training)
     return os.fspath(out_dir)

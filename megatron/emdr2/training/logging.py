@@ -90,6 +90,20 @@ class MetricsLogger:
                    " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                               for k, v in metrics.items()))
 
+    def log_test(self, iteration: int, name: str, metrics: Optional[dict]) -> None:
+        """A held-out file scored at the end of training: a "test" record (never used to pick
+        checkpoints) and a printed line."""
+        if not self.enabled or not metrics:
+            return
+        self._record({"kind": "test", "iteration": iteration, "name": name, **metrics})
+        if self._tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)):
+                    self._tb.add_scalar(f"test/{name}/{k}", v, iteration)
+        self.print(f"test {name} at iteration {iteration}: " +
+                   " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                              for k, v in metrics.items() if isinstance(v, (int, float))))
+
     def close(self) -> None:
         if self._file is not None:
             self._file.close()

@@ -90,6 +90,10 @@ class Trainer:
         self._saved_at: Optional[int] = None
         self.logger = MetricsLogger(cfg.logging, save_dir=cfg.checkpoint.save, enabled=_is_rank0())
         self._maybe_resume()
+        on_train_start = optional(task, "on_train_start")
+        if on_train_start:  # the weights are final now (resumed or fine-tuned from --load)
+            with self.autocast():
+                on_train_start(self.models, self.state.iteration)
 
     # ------------------------------------------------------------------ checkpoints
     def _model_state(self) -> dict:
@@ -228,8 +232,22 @@ class Trainer:
                 self.evaluate()
         if cfg.checkpoint.save and self._saved_at != self.state.iteration:
             self.save()
+        self._train_end()
         self.logger.close()
         return self.state
+
+    def _train_end(self) -> None:
+        """The task's ``on_train_end`` on the final model (e.g. scoring test files); what it
+        returns ({name: metrics}) is logged as kind "test" records."""
+        on_train_end = optional(self.task, "on_train_end")
+        if on_train_end is None:
+            return
+        for m in self.models.values():
+            m.eval()
+        with self.autocast(), torch.no_grad():
+            results = on_train_end(self.models, self.state.iteration)
+        for name, metrics in (results or {}).items():
+            self.logger.log_test(self.state.iteration, name, metrics)
 
     def _train_iterations(self, total, batches, on_step_end, extra_metrics, progress) -> None:
         cfg = self.cfg

@@ -18,7 +18,11 @@ class Task(Protocol):
                                     micro-batch; metrics maps names to scalar tensors/floats to log.
     Optional:
       evaluate(models, iteration) -> {metric: float}; a 'score' key drives best-checkpoint selection.
+      on_train_start(models, iteration) -> None, once the weights are final (after a resume or a
+                          fine-tuning load), before the first step (e.g. check the index).
       on_step_end(models, iteration) -> None, after each optimizer step (e.g. index refresh).
+      on_train_end(models, iteration) -> {name: metrics} or None, after the last step and the
+                          final save, on the final model in eval mode (e.g. test files); logged.
       state_dict() / load_state_dict(state) -> task state to checkpoint (e.g. index version).
       close() -> None, at the end of training.
       lr_multipliers() -> {model name: factor}: that model's parameters follow the schedule
