@@ -147,3 +147,13 @@ def test_killed_embedding_leaves_no_manifest(tmp_path):
         ShardedIndex.load(tmp_path)
     with pytest.raises(IndexStoreError, match=r"missing, the index is not published \(unfinished files"):
         ShardedIndex.load(version)
+
+
+def test_refresh_never_follows_a_latest_outside_the_index_root(tmp_path):
+    from megatron.emdr2.index.shard_store import IndexStoreError
+    from megatron.emdr2.openqa.index_refresh import latest_version
+
+    assert latest_version(tmp_path) is None
+    (tmp_path / "LATEST").write_text("../..")
+    with pytest.raises(IndexStoreError, match="not a version directory inside"):
+        latest_version(tmp_path)

@@ -70,8 +70,8 @@ def model_size_from_args(args: argparse.Namespace, prefix: str) -> ModelSize:
 def add_autocast_arg(group, default: str = "none") -> None:
     group.add_argument("--autocast", default=default, choices=["none", "bf16"],
                        help="bf16: run forward passes under torch.autocast with fp32 weights and "
-                            "optimizer (1.4x faster reader steps and 3-5x faster evidence embedding "
-                            "on CPUs with AMX/AVX512-BF16; on GPUs prefer --bf16)")
+                            "optimizer (faster matrix multiplies on CPUs with AMX/AVX512-BF16: see "
+                            "bench/bench_autocast.py; on GPUs prefer --bf16)")
 
 
 def add_training_args(parser: argparse.ArgumentParser, defaults: Optional[TrainingConfig] = None) -> None:

@@ -171,9 +171,9 @@ def check_decoding_args(args, prog: str) -> None:
     """Decoding and evaluation flags (every command that answers questions)."""
     if any(k < 1 for k in getattr(args, "eval_top_k_list", [1])):
         fail(f"--eval-top-k-list {' '.join(map(str, args.eval_top_k_list))}: every k must be >= 1", prog)
-    if args.num_beams < 1:
+    if args.num_beams is not None and args.num_beams < 1:
         fail("--num-beams must be >= 1", prog)
-    if args.no_repeat_ngram_size < 0:
+    if args.no_repeat_ngram_size is not None and args.no_repeat_ngram_size < 0:
         fail("--no-repeat-ngram-size must be >= 0 (0: off)", prog)
 
 
@@ -315,6 +315,9 @@ def add_inference_args(parser: argparse.ArgumentParser) -> None:
     from megatron.emdr2.config import PRECISIONS
 
     add_openqa_args(parser)  # sizes default to base; a checkpoint's recorded sizes override them
+    # Unset: as the checkpoint's run read and decoded (its top-k, n-gram ban and beams), so a
+    # plain `evaluate --load RUN` measures what the run measured; else 50 / 0 / 1.
+    parser.set_defaults(top_k=None, no_repeat_ngram_size=None, num_beams=None)
     parser.add_argument("--load", required=True,
                         help="EMDR²/MSS checkpoint directory (its best iteration, else latest)")
     parser.add_argument("--rebuild-index", action="store_true",
@@ -358,6 +361,9 @@ def load_for_inference(args):
         for key in ("query_max_len", "context_max_len", "reader_max_len", "answer_max_len"):
             if key in meta:  # inputs shaped as in training
                 setattr(args, key, meta[key])
+    for key, fallback in (("top_k", 50), ("no_repeat_ngram_size", 0), ("num_beams", 1)):
+        if getattr(args, key, None) is None:  # not given: as the run did
+            setattr(args, key, meta.get(key, fallback))
     args.retriever_load = args.reader_load = args.load
     cfg = TrainingConfig(seed=args.seed, precision=PrecisionConfig(args.precision))
     initialize(seed=args.seed)

@@ -393,7 +393,9 @@ class OpenQATask:
                 "shared_towers": self.qa.shared_towers, "vocab_file": self.rtok.vocab_file,
                 "top_k": self.qa.top_k, "query_max_len": self.qa.query_max_len,
                 "context_max_len": self.qa.context_max_len, "reader_max_len": self.qa.reader_max_len,
-                "answer_max_len": self.qa.answer_max_len}
+                "answer_max_len": self.qa.answer_max_len,
+                # how this run decoded its dev answers: evaluate/answer default to the same
+                "no_repeat_ngram_size": self.qa.no_repeat_ngram_size, "num_beams": self.qa.num_beams}
 
     def state_dict(self) -> dict:
         return {"index_version": self.index_manager.version if self.index_manager else None,

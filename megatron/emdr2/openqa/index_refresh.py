@@ -111,10 +111,8 @@ class Exchange:
 
 
 def latest_version(index_dir: str | os.PathLike) -> Optional[str]:
-    try:
-        return (Path(index_dir) / shard_store.LATEST).read_text().strip() or None
-    except FileNotFoundError:
-        return None
+    """The published version's name; a LATEST that points outside index_dir is refused."""
+    return shard_store.read_latest(index_dir)
 
 
 def _broadcast_object(value, group=None):
