@@ -7,9 +7,11 @@
 #   2. NER of the evidence, then MSS of retriever and reader (shared tower, index refreshed)
 #   3. for each seed: FiD (--retriever-objective none) and EMDR² from the MSS checkpoints, same
 #      steps, both evaluated on all 422 dev questions
-#   4. per-seed and pooled EM, top-k, paired counts and McNemar's exact p on the pooled pairs
+#   4. per-seed and pooled EM, top-k, and for EM and for retrieval (a passage with an answer among
+#      the first 1/5/20) the paired counts and McNemar's exact p on the pooled pairs
 # SEEDS="1 2 3" (default), STEPS (per run, default 300), ICT_STEPS (default 1500), MSS_STEPS
 # (default 300). Everything goes to runs/unsup-study-<time> (RUN=<dir> to choose).
+# PRETRAINED=<an earlier study's RUN> reuses its ICT and MSS checkpoints (e.g. to add seeds).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -41,6 +43,13 @@ JOINT=(--log-interval 25 --embed-batch-size 64 --evidence "$D/evidence.tsv" --to
        --clip-grad 1.0 --reader-encoder-lr-mult 0.3 --retriever-lr-mult 0.1 --autocast bf16 --no-progress-bar
        --no-repeat-ngram-size 2)
 
+PRE=${PRETRAINED:-$RUN}
+if [[ -n "${PRETRAINED:-}" ]]; then
+  for d in ict mss; do
+    [[ -f "$PRE/$d/latest" ]] || { echo "nq_mini_unsupervised_study: error: $PRE/$d: no checkpoint" >&2; exit 2; }
+  done
+  stage "1-2/4 reusing ICT and MSS of $PRE"
+else
 stage "1/4 ICT from random weights ($ICT_STEPS steps)"
 python -m tasks.openqa.ict "${TOWER[@]}" --seed 1234 --autocast bf16 --embed-batch-size 64 --evidence "$D/evidence.tsv" \
   --dev-data "$D/dev.tsv" --global-batch-size 32 --micro-batch-size 32 --lr 1e-3 --lr-warmup-fraction 0.05 \
@@ -56,13 +65,14 @@ python -m tasks.openqa.mss "${TOWER[@]}" "${READER[@]}" "${JOINT[@]}" --seed 123
   --mss-dev-sentences 200 --index-dir "$RUN/mss/index" --train-iters "$MSS_STEPS" --eval-interval "$MSS_STEPS" \
   --save "$RUN/mss" > "$RUN/mss.log" 2>&1
 grep -a -o "evaluation at iteration.*" "$RUN/mss.log" | tail -n 1
+fi
 
 stage "3/4 FiD vs EMDR² from MSS, $STEPS steps each, seeds: $SEEDS"
 for seed in $SEEDS; do
   for objective in none emdr2; do
     name=$objective-seed$seed
     python -m tasks.openqa.emdr2 "${TOWER[@]}" "${READER[@]}" "${JOINT[@]}" --seed "$seed" \
-      --retriever-load "$RUN/mss" --reader-load "$RUN/mss" --retriever-objective "$objective" \
+      --retriever-load "$PRE/mss" --reader-load "$PRE/mss" --retriever-objective "$objective" \
       --train-data "$D/train.tsv" --dev-data "$D/dev.tsv" --index-dir "$RUN/$name/index" \
       --train-iters "$STEPS" --eval-interval 0 --save "$RUN/$name" > "$RUN/$name.log" 2>&1
     python -m tasks.openqa.evaluate --load "$RUN/$name" --index-dir "$RUN/$name/dev-index" --rebuild-index \
@@ -76,24 +86,19 @@ done
 stage "4/4 per seed and pooled"
 python - "$RUN" $SEEDS <<'EOF'
 import json, os, sys
-sys.path.insert(0, "tools")
-from compare_predictions import compare, mcnemar_exact_p, read_predictions
 
 run, seeds = sys.argv[1], sys.argv[2:]
 cols = ("em", "top1", "top5", "top20", "reading_accuracy")
-print(f"{'run':<16}" + "".join(f"{c:>18}" for c in cols) + f"{'only FiD / only EMDR2 (p)':>30}")
-pooled = [0, 0]
+print(f"{'run':<16}" + "".join(f"{c:>18}" for c in cols))
 for seed in seeds:
-    paths = {o: os.path.join(run, f"{o}-seed{seed}.dev_predictions.jsonl") for o in ("none", "emdr2")}
-    pair = compare(read_predictions(paths["none"]), read_predictions(paths["emdr2"]), paths["none"], paths["emdr2"])
-    pooled[0] += pair["only_a"]
-    pooled[1] += pair["only_b"]
     for o, label in (("none", "FiD"), ("emdr2", "EMDR2")):
         m = json.load(open(os.path.join(run, f"{o}-seed{seed}.dev.json")))
-        tail = f"{pair['only_a']} / {pair['only_b']} ({pair['p_value']:.3g})" if o == "emdr2" else ""
-        print(f"{label + ' seed ' + seed:<16}" + "".join(f"{m[c]:>18.3f}" for c in cols) + f"{tail:>30}")
-p = mcnemar_exact_p(*pooled)
-print(f"pooled over {len(seeds)} seeds: only FiD right {pooled[0]}, only EMDR2 right {pooled[1]}, "
-      f"McNemar exact p {p:.3g}")
+        print(f"{label + ' seed ' + seed:<16}" + "".join(f"{m[c]:>18.3f}" for c in cols))
 EOF
+pairs=()
+for seed in $SEEDS; do
+  pairs+=("$RUN/none-seed$seed.dev_predictions.jsonl" "$RUN/emdr2-seed$seed.dev_predictions.jsonl")
+done
+echo "A = FiD (frozen retriever), B = EMDR2; per seed, then pooled:"
+python tools/compare_predictions.py "${pairs[@]}" --metric em top1 top5 top20 | sed "s|$RUN/||g"
 echo "logs, checkpoints and predictions: $RUN"

@@ -1,6 +1,7 @@
 """A run killed with SIGKILL resumes from its last checkpoint with exactly the same losses;
 a damaged checkpoint is refused with a clear message while the previous one still loads."""
 
+import math
 import os
 import signal
 import subprocess
@@ -85,3 +86,27 @@ def test_keep_last_prunes_old_checkpoints(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(p.name for p in save.iterdir() if p.name.startswith("iter_")) == ["iter_0000006", "iter_0000008"]
     assert not any(".tmp-" in p.name for p in save.iterdir())
+
+
+def test_non_finite_loss_stops_the_run_before_the_step_and_names_the_last_checkpoint(tmp_path):
+    save = tmp_path / "ckpt"
+    flags = ["--train-iters", "8", "--global-batch-size", "4", "--micro-batch-size", "2", "--save", str(save),
+             "--save-interval", "1"]
+    proc = run(1, [*flags, "--lr", "1e12"])  # diverges within a few steps
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    err = [l for l in proc.stderr.splitlines() if "error" in l]
+    assert len(err) == 1 and "the loss is not finite" in err[0] and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    last = int((save / "latest").read_text())
+    assert f"the last checkpoint is {save}/iter_{last:07d}" in err[0]
+    failed_at = int(err[0].split("iteration ")[1].split(":")[0])
+    assert failed_at == last + 1  # every applied step was saved; the failing one was not applied
+    # the step that produced the NaN was not applied, but the update before it already blew the
+    # weights up (as the message says): an earlier checkpoint trains on at a sane rate
+    proc = run(1, [*flags, "--lr", "1e-3", "--load", str(save), "--load-iteration", "1", "--finetune",
+                   "--train-iters", "3",
+                   "--metrics-file", str(tmp_path / "after.jsonl")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert all(math.isfinite(v) for v in losses(tmp_path / "after.jsonl").values())
+    proc = run(1, [*flags, "--lr", "1e-3", "--train-iters", "2"])  # warm-up (2) as long as training
+    assert proc.returncode == 2 and "--lr-warmup-iters 2 must be below the decay length 2" in proc.stderr
+    assert "Traceback" not in proc.stderr

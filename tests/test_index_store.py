@@ -157,3 +157,29 @@ def test_refresh_never_follows_a_latest_outside_the_index_root(tmp_path):
     (tmp_path / "LATEST").write_text("../..")
     with pytest.raises(IndexStoreError, match="not a version directory inside"):
         latest_version(tmp_path)
+
+
+def test_prune_versions_keeps_the_newest_latest_and_protected(tmp_path):
+    from megatron.emdr2.index import shard_store
+
+    def version(step, complete=True):
+        d = tmp_path / shard_store.version_name(step)
+        d.mkdir()
+        if complete:
+            (d / shard_store.MANIFEST).write_text("{}")
+        (d / "shard-00000-of-00001.emb").write_bytes(b"x" * 16)
+
+    for step in (0, 100, 200, 300, 400):
+        version(step)
+    version(500, complete=False)  # an indexer still writing it
+    (tmp_path / shard_store.LATEST).write_text("step-00000100\n")  # a lagging pointer is kept
+    (tmp_path / "exchange").mkdir()
+    removed = shard_store.prune_versions(tmp_path, keep=2, protect={"step-00000000"})
+    assert removed == ["step-00000200"]
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == ["LATEST", "exchange", "step-00000000", "step-00000100", "step-00000300",
+                    "step-00000400", "step-00000500"]
+    (tmp_path / shard_store.LATEST).write_text("step-00000400\n")
+    assert shard_store.prune_versions(tmp_path, keep=1) == ["step-00000000", "step-00000100", "step-00000300"]
+    with pytest.raises(ValueError):
+        shard_store.prune_versions(tmp_path, keep=0)

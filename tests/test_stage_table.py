@@ -80,3 +80,23 @@ def test_heldout_questions_are_new_and_answerable_from_the_evidence(tmp_path, sh
     run = subprocess.run([sys.executable, str(ROOT / "tools" / "heldout_questions.py"), "--nq-open", str(bad),
                           "--output", str(tmp_path / "x.tsv")], capture_output=True, text=True)
     assert run.returncode == 2 and f"{bad}:1:" in run.stderr and not (tmp_path / "x.tsv").exists()
+
+
+def test_heldout_unclaimed_only_looks_past_the_gold_passages_of_train_and_dev(tmp_path, shared_data, nq_mini):
+    from megatron.emdr2.data.answers import simple_tokens
+
+    out = tmp_path / "unclaimed.tsv"
+    run = subprocess.run([sys.executable, str(ROOT / "tools" / "heldout_questions.py"), "--nq-open",
+                          str(shared_data / "nq-open" / "NQ-open.dev.jsonl"), "--output", str(out),
+                          "--unclaimed-only", "--max-passages", "1"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    rows = [line.split("\t") for line in out.read_text().splitlines()]
+    assert len(rows) > 200
+    gold = {json.loads(l)["gold_passage_id"] for f in ("train.jsonl", "dev.jsonl")
+            for l in (nq_mini / f).read_text().splitlines()}
+    lines = (nq_mini / "evidence.tsv").read_text(encoding="utf-8").splitlines()[1:]
+    unclaimed = [" " + " ".join(simple_tokens(l.split("\t")[1])) + " " for l in lines
+                 if int(l.split("\t")[0]) not in gold]
+    for question, answers in rows[:20]:  # each answer is in exactly one passage nobody else claims
+        golds = [" " + " ".join(simple_tokens(a)) + " " for a in json.loads(answers)]
+        assert sum(any(g in p for g in golds if g.strip()) for p in unclaimed) == 1, question

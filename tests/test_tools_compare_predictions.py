@@ -52,3 +52,35 @@ def test_command_line_and_bad_input(tmp_path, capsys):
                               capture_output=True, text=True, timeout=60)
         assert proc.returncode != 0 and message in proc.stderr, proc.stderr
         assert proc.stderr.strip().count("\n") == 0
+
+
+def _write_ranked(path, rows):
+    path.write_text("".join(json.dumps({"question": q, "prediction": "x", "em": em, "first_hit_rank": r}) + "\n"
+                            for q, em, r in rows))
+    return str(path)
+
+
+def test_pairs_are_pooled_and_retrieval_hits_compared(tmp_path, capsys):
+    qs = [f"q{i}" for i in range(8)]
+    # seed 1: A right on q0..q2, B on q2..q5; seed 2: A right on q0, B on q0..q3
+    a1 = _write_ranked(tmp_path / "a1.jsonl", [(q, i < 3, 0 if i < 4 else 3) for i, q in enumerate(qs)])
+    b1 = _write_ranked(tmp_path / "b1.jsonl", [(q, 2 <= i < 6, 1) for i, q in enumerate(qs)])
+    a2 = _write_ranked(tmp_path / "a2.jsonl", [(q, i == 0, 7) for i, q in enumerate(qs)])
+    b2 = _write_ranked(tmp_path / "b2.jsonl", [(q, i < 4, 5 if i % 2 else 20) for i, q in enumerate(qs)])
+    assert main([a1, b1, a2, b2, "--metric", "em", "top5", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    em = r["em"]["pooled"]
+    assert (em["only_a"], em["only_b"], em["both"]) == (2 + 0, 3 + 3, 1 + 1) and em["questions"] == 16
+    assert em["p_value"] == pytest.approx(mcnemar_exact_p(2, 6))
+    top5 = r["top5"]
+    # top5 hit = 1 <= first_hit_rank <= 5: a1 hits q4..q7, b1 all; a2 none, b2 the odd ones
+    assert [p["only_b"] for p in top5["pairs"]] == [4, 4] and top5["pooled"]["only_a"] == 0
+    assert top5["pooled"]["p_value"] == pytest.approx(2 / 2 ** 8)
+    for args, message in (([a1, b1, a2], "pass them in pairs"), ([a1, b1, "--metric", "top0"], "use em or topK")):
+        proc = subprocess.run([sys.executable, "tools/compare_predictions.py", *args], cwd=ROOT,
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode != 0 and message in proc.stderr, proc.stderr
+    no_rank = _write(tmp_path / "norank.jsonl", [(q, False) for q in qs])
+    proc = subprocess.run([sys.executable, "tools/compare_predictions.py", no_rank, a1, "--metric", "top5"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "norank.jsonl:1: --metric top5 needs" in proc.stderr

@@ -8,6 +8,12 @@ evaluation) write, one JSON object per question with "question" and "em". Prints
 the questions only one of them gets right, and McNemar's exact two-sided p-value on those
 (binomial, p = 1/2): on a few hundred questions a one-point EM gap is usually noise, and only the
 questions the runs disagree on carry information. `--json` prints the same as one JSON object.
+
+    python tools/compare_predictions.py A1 B1 A2 B2 A3 B3 --metric em top5   # several seeds, pooled
+
+Several pairs (e.g. one per seed) are compared pair by pair and pooled: the discordant questions
+of all pairs are added up for one McNemar test. `--metric topK` compares retrieval instead of
+answers: whether a passage among the first K contains an answer (the records' "first_hit_rank").
 """
 
 from __future__ import annotations
@@ -18,8 +24,10 @@ import math
 import sys
 
 
-def read_predictions(path: str) -> list[tuple[str, bool]]:
-    """[(question, em)] in file order; a bad line exits with the file and line named."""
+def read_predictions(path: str, metric: str = "em") -> list[tuple[str, bool]]:
+    """[(question, right)] in file order, right = "em", or for "topK" a first hit within rank K;
+    a bad line exits with the file and line named."""
+    k = _top_k(metric)
     rows = []
     try:
         f = open(path, encoding="utf-8")
@@ -36,10 +44,25 @@ def read_predictions(path: str) -> list[tuple[str, bool]]:
             if not isinstance(rec, dict) or "question" not in rec or not isinstance(rec.get("em"), bool):
                 raise SystemExit(f"compare_predictions: error: {path}:{line_no}: needs \"question\" and a "
                                  f"true/false \"em\" (a predictions file of questions with gold answers)")
-            rows.append((rec["question"], rec["em"]))
+            if k is None:
+                rows.append((rec["question"], rec["em"]))
+                continue
+            rank = rec.get("first_hit_rank")
+            if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
+                raise SystemExit(f"compare_predictions: error: {path}:{line_no}: --metric {metric} needs an "
+                                 f"integer \"first_hit_rank\" >= 0")
+            rows.append((rec["question"], 1 <= rank <= k))
     if not rows:
         raise SystemExit(f"compare_predictions: error: {path}: no predictions")
     return rows
+
+
+def _top_k(metric: str):
+    if metric == "em":
+        return None
+    if metric.startswith("top") and metric[3:].isdigit() and int(metric[3:]) >= 1:
+        return int(metric[3:])
+    raise SystemExit(f"compare_predictions: error: --metric {metric}: use em or topK (e.g. top5)")
 
 
 def mcnemar_exact_p(only_a: int, only_b: int) -> float:
@@ -68,18 +91,43 @@ def compare(a: list[tuple[str, bool]], b: list[tuple[str, bool]], path_a: str, p
             "only_a": only_a, "only_b": only_b, "p_value": mcnemar_exact_p(only_a, only_b)}
 
 
+def pooled(results: list[dict]) -> dict:
+    only_a, only_b = sum(r["only_a"] for r in results), sum(r["only_b"] for r in results)
+    n = sum(r["questions"] for r in results)
+    both = sum(r["both"] for r in results)
+    return {"questions": n, "em_a": (both + only_a) / n, "em_b": (both + only_b) / n, "both": both,
+            "only_a": only_a, "only_b": only_b, "p_value": mcnemar_exact_p(only_a, only_b)}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="compare_predictions", description=__doc__.split("\n")[0])
-    parser.add_argument("a", help="predictions JSON lines of run A")
-    parser.add_argument("b", help="predictions JSON lines of run B (same questions, same order)")
+    parser.add_argument("files", nargs="+", metavar="A B",
+                        help="predictions JSON lines of run A, then of run B (same questions, same order); "
+                             "more pairs (A B A B ...) are also pooled")
+    parser.add_argument("--metric", nargs="+", default=["em"],
+                        help="em (default) and/or topK: retrieval hit within the first K passages")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
-    r = compare(read_predictions(args.a), read_predictions(args.b), args.a, args.b)
+    if len(args.files) % 2:
+        parser.error(f"{len(args.files)} files given: pass them in pairs (A B [A B ...])")
+    pairs = list(zip(args.files[0::2], args.files[1::2]))
+    report = {}
+    for metric in args.metric:
+        _top_k(metric)
+        per_pair = [compare(read_predictions(a, metric), read_predictions(b, metric), a, b) for a, b in pairs]
+        report[metric] = {"pairs": per_pair, "pooled": pooled(per_pair)} if len(pairs) > 1 else per_pair[0]
     if args.json:
-        print(json.dumps(r))
+        print(json.dumps(report if len(args.metric) > 1 or len(pairs) > 1 else report[args.metric[0]]))
         return 0
-    print(f"{r['questions']} questions | EM A {r['em_a']:.4f} | EM B {r['em_b']:.4f} | both right {r['both']} | "
-          f"only A {r['only_a']} | only B {r['only_b']} | McNemar exact p {r['p_value']:.3g}")
+    for metric, r in report.items():
+        name = "EM" if metric == "em" else metric
+        rows = [(f"{a} vs {b}", x) for (a, b), x in zip(pairs, r["pairs"])] if len(pairs) > 1 else [("", r)]
+        if len(pairs) > 1:
+            rows.append((f"pooled over {len(pairs)} pairs", r["pooled"]))
+        for label, x in rows:
+            print(f"{name}: {x['questions']} questions | A {x['em_a']:.4f} | B {x['em_b']:.4f} | both right "
+                  f"{x['both']} | only A {x['only_a']} | only B {x['only_b']} | McNemar exact p {x['p_value']:.3g}"
+                  + (f" | {label}" if label else ""))
     return 0
 
 

@@ -42,6 +42,21 @@ def seen_questions(paths) -> set[str]:
     return seen
 
 
+def claimed_passages(paths) -> set[str]:
+    """Evidence ids that are the gold passage of a question in ``paths``."""
+    out = set()
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    out.add(str(json.loads(line)["gold_passage_id"]))
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    fail(f"{path}:{n}: expected a JSON object with \"gold_passage_id\"")
+    return out
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="heldout_questions", description=__doc__.split("\n")[0])
     parser.add_argument("--nq-open", required=True, help="NQ-open jsonl ({question, answer: [...]} per line)")
@@ -50,9 +65,16 @@ def main(argv=None) -> None:
                         default=[os.path.join(NQ_MINI, "train.tsv"), os.path.join(NQ_MINI, "dev.tsv")],
                         help="QA tsv files whose questions are left out")
     parser.add_argument("--max-passages", type=int, default=3)
+    parser.add_argument("--unclaimed-only", action="store_true",
+                        help="look for the answer only in passages that are not the gold passage of a "
+                             "--claimed question: nq-mini's splits are made by gold passage, so the held-out "
+                             "split's gold passages are among these")
+    parser.add_argument("--claimed", nargs="+",
+                        default=[os.path.join(NQ_MINI, "train.jsonl"), os.path.join(NQ_MINI, "dev.jsonl")],
+                        help="jsonl files with gold_passage_id (for --unclaimed-only)")
     parser.add_argument("--output", required=True, help="QA tsv: question<TAB>[answers]")
     args = parser.parse_args(argv)
-    for path in [args.nq_open, args.evidence, *args.exclude]:
+    for path in [args.nq_open, args.evidence, *args.exclude, *(args.claimed if args.unclaimed_only else [])]:
         if not os.path.isfile(path):
             fail(f"{path}: no such file")
     if args.max_passages < 1:
@@ -63,7 +85,9 @@ def main(argv=None) -> None:
     with open(args.evidence, encoding="utf-8", newline="") as f:
         rows = csv.reader(f, delimiter="\t")
         next(rows, None)  # header
-        passages = [_padded(row[1]) for row in rows if len(row) >= 2]
+        table = [row for row in rows if len(row) >= 2]
+    claimed = claimed_passages(args.claimed) if args.unclaimed_only else set()
+    passages = [_padded(row[1]) for row in table if row[0].strip() not in claimed]
     kept = []
     with open(args.nq_open, encoding="utf-8") as f:
         for n, line in enumerate(f, start=1):

@@ -131,6 +131,11 @@ def add_training_args(parser: argparse.ArgumentParser, defaults: Optional[Traini
                    help="keep only the newest N checkpoints (plus the best)")
     g.add_argument("--finetune", action="store_true",
                    help="load model weights only; restart optimiser, schedule and data")
+    g.add_argument("--exit-interval", type=int, default=d.checkpoint.exit_interval,
+                   help="save and exit (status 0) at iterations divisible by N; rerun with --load to go on")
+    g.add_argument("--exit-duration-in-mins", dest="exit_duration_mins", type=float,
+                   default=d.checkpoint.exit_duration_mins,
+                   help="save and exit (status 0) once the run has lasted this long (e.g. under a SLURM limit)")
 
     g = parser.add_argument_group("logging")
     g.add_argument("--log-interval", type=int, default=d.logging.log_interval)
@@ -158,7 +163,8 @@ def training_config_from_args(args: argparse.Namespace) -> TrainingConfig:
                                 args.lr_decay_style, args.lr_decay_iters),
         batch=BatchConfig(args.micro_batch_size, args.global_batch_size),
         checkpoint=CheckpointConfig(args.save, args.load, args.load_iteration, args.save_interval,
-                                    args.keep_last, args.finetune),
+                                    args.keep_last, args.finetune, args.exit_interval,
+                                    args.exit_duration_mins),
         logging=LoggingConfig(args.log_interval, args.tensorboard_dir, args.metrics_file,
                               args.eval_interval, args.progress_bar),
     )
@@ -199,6 +205,10 @@ def validate(cfg: TrainingConfig, world_size: int, models: Sequence[ModelSize] =
                           f"--micro-batch-size {b.micro_batch_size} x data-parallel size {dp}")
     if cfg.schedule.train_iters < 0:
         raise ConfigError("--train-iters must be >= 0")
+    warmup, decay = cfg.schedule.warmup_steps(), max(cfg.schedule.decay_steps(), 1)
+    if warmup > 0 and warmup >= decay:  # megatron-core's scheduler asserts warm-up < decay
+        raise ConfigError(f"--lr-warmup-iters {warmup} must be below the decay length {decay} "
+                          f"(--lr-decay-iters, else --train-iters)")
     if cfg.optimizer.lr < 0 or cfg.optimizer.min_lr < 0:
         raise ConfigError("--lr and --min-lr must be >= 0")
     if cfg.checkpoint.keep_last is not None and cfg.checkpoint.keep_last < 1:
@@ -210,6 +220,14 @@ def validate(cfg: TrainingConfig, world_size: int, models: Sequence[ModelSize] =
                           "train without it or without checkpoints")
     if cfg.checkpoint.save_interval is not None and not cfg.checkpoint.save:
         raise ConfigError("--save-interval needs --save DIR")
+    for flag, value in (("--save-interval", cfg.checkpoint.save_interval),
+                        ("--exit-interval", cfg.checkpoint.exit_interval),
+                        ("--exit-duration-in-mins", cfg.checkpoint.exit_duration_mins)):
+        if value is not None and value <= 0:
+            raise ConfigError(f"{flag} must be > 0 (got {value})")
+    if (cfg.checkpoint.exit_interval or cfg.checkpoint.exit_duration_mins) and not cfg.checkpoint.save:
+        raise ConfigError("--exit-interval and --exit-duration-in-mins need --save DIR "
+                          "(the run saves before it exits)")
     if cfg.checkpoint.load is not None and not os.path.isdir(cfg.checkpoint.load):
         if not (cfg.checkpoint.save and os.path.abspath(cfg.checkpoint.load) == os.path.abspath(cfg.checkpoint.save)):
             raise ConfigError(f"--load {cfg.checkpoint.load}: no such directory")

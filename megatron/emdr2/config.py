@@ -126,6 +126,10 @@ class CheckpointConfig:
     save_interval: Optional[int] = None
     keep_last: Optional[int] = None  # prune older checkpoints, keeping this many (and the best)
     finetune: bool = False  # load model weights only: fresh optimizer, schedule and data position
+    # Save and stop early (exit status 0) so a scheduler's time limit never kills a run mid-step:
+    # at iterations divisible by exit_interval, or once the run has lasted exit_duration_mins.
+    exit_interval: Optional[int] = None
+    exit_duration_mins: Optional[float] = None
 
 
 @dataclass

@@ -79,6 +79,9 @@ def add_openqa_args(parser: argparse.ArgumentParser, retriever: ModelSize = RETR
     g.add_argument("--num-indexer-ranks", type=int, default=0,
                    help="ranks (the last ones) that re-embed the evidence asynchronously; "
                         "0: the trainers refresh synchronously")
+    g.add_argument("--keep-index-versions", type=int, default=3,
+                   help="complete index versions kept on disk as refreshes publish new ones (0: keep "
+                        "all; one version of 21M passages x 768 is 32 GB)")
     g.add_argument("--embed-batch-size", type=int, default=128)
     g.add_argument("--eval-max-questions", type=int, default=None)
     g.add_argument("--eval-batch-size", type=int, default=8)
@@ -180,6 +183,8 @@ def check_decoding_args(args, prog: str) -> None:
 def check_openqa_args(args, cfg: TrainingConfig, prog: str) -> None:
     if args.top_k < 1:
         fail("--top-k must be >= 1", prog)
+    if args.keep_index_versions < 0:
+        fail("--keep-index-versions must be >= 0 (0: keep every version)", prog)
     check_decoding_args(args, prog)
     for flag, value in (("--retriever-lr-mult", args.retriever_lr_mult),
                         ("--reader-encoder-lr-mult", args.reader_encoder_lr_mult)):
@@ -232,7 +237,8 @@ def refresh_config(args):
     from megatron.emdr2.openqa.index_refresh import RefreshConfig
 
     return RefreshConfig(index_dir=args.index_dir, interval=args.index_reload_interval,
-                         asynchronous=args.num_indexer_ranks > 0, embed_batch_size=args.embed_batch_size)
+                         asynchronous=args.num_indexer_ranks > 0, embed_batch_size=args.embed_batch_size,
+                         keep_versions=getattr(args, "keep_index_versions", 3))
 
 
 def tokenizers(args):

@@ -67,6 +67,36 @@ def read_latest(root: str | os.PathLike) -> str | None:
     return name
 
 
+def prune_versions(root: str | os.PathLike, keep: int, protect=()) -> list[str]:
+    """Delete complete index versions (``step-*`` with a manifest) under ``root`` except the
+    newest ``keep``, the one ``LATEST`` names and the names in ``protect``; returns the deleted
+    names. At full scale a version is N·d·2 bytes (32 GB for 21M × 768), so a run that refreshes
+    every few hundred steps would otherwise fill its disk. Unfinished versions are left alone (an
+    indexer may be writing them); a deleted version that a process still has memory-mapped stays
+    readable to it (POSIX)."""
+    import re
+    import shutil
+
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep}")
+    root = Path(root)
+    complete = sorted(p.name for p in root.glob("step-*")
+                      if re.fullmatch(r"step-\d+", p.name) and (p / MANIFEST).is_file())
+    spared = set(complete[-keep:]) | set(protect)
+    try:
+        latest = read_latest(root)
+    except IndexStoreError:
+        latest = None
+    if latest:
+        spared.add(latest)
+    removed = []
+    for name in complete:
+        if name not in spared:
+            shutil.rmtree(root / name, ignore_errors=True)
+            removed.append(name)
+    return removed
+
+
 def shard_stem(shard: int, num_shards: int) -> str:
     return f"shard-{shard:05d}-of-{num_shards:05d}"
 

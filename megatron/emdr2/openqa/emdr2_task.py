@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import re
 import uuid
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
@@ -90,6 +92,16 @@ class QABatch:
     decoder_ids: torch.Tensor
     exclude_ids: Optional[torch.Tensor] = None  # [B, E] passage ids never to retrieve (-1 = none)
 
+    def to(self, device) -> "QABatch":
+        """The batch with its tensors on ``device`` (batches are built on the CPU)."""
+        return dataclasses.replace(self, **{f.name: getattr(self, f.name).to(device)
+                                            for f in dataclasses.fields(self)
+                                            if torch.is_tensor(getattr(self, f.name))})
+
+
+def module_device(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
 
 class OpenQATask:
     """EMDR² fine-tuning on (question, answers) pairs; MSS subclasses it with other examples."""
@@ -114,6 +126,7 @@ class OpenQATask:
         self._run_id = uuid.uuid4().hex
         self._accepted_index_fingerprints: list[str] = []  # indexes accepted when the run started
         self._index_todo: Optional[str] = None  # "check" / "build" once resumed weights are in
+        self._checkpoint_index_version: Optional[str] = None  # from a resumed checkpoint
         self._build_sync = None
 
     # ------------------------------------------------------------------ models
@@ -152,6 +165,10 @@ class OpenQATask:
         from megatron.emdr2.index import shard_store
 
         r = self.refresh_cfg
+        if torch.cuda.is_available():
+            # Embed the first index on the GPU, not the host; the loop would move it there
+            # anyway (module.cuda() keeps the Parameter objects and their lr-group tags).
+            biencoder.cuda()
         if self.qa.freeze_context_tower and r.interval:
             # A frozen context tower would re-embed the same vectors: never refresh.
             logger.info("context tower frozen: the index is not refreshed (interval %d ignored)", r.interval)
@@ -171,7 +188,10 @@ class OpenQATask:
             return biencoder.context_encoder.state_dict()
 
         self._build_sync = build_sync
-        self.index_manager = IndexManager(r, build_sync, context_state,
+        # The index shard sits on this rank's GPU where there is one: the search at every step
+        # is a matmul against it (N·d·2 bytes / ranks of GPU memory).
+        index_device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+        self.index_manager = IndexManager(r, build_sync, context_state, device=index_device,
                                           tower_meta=lambda: {"run_id": self._run_id})
         resuming = self._resuming()
         try:
@@ -244,6 +264,7 @@ class OpenQATask:
                         self.refresh_cfg.index_dir)
             self.index_manager.load(self._build_sync(iteration))
         elif todo == "check":
+            self._reload_checkpoint_index()
             self._check_index(self._biencoder, resumed=True, iteration=iteration)
 
     # ------------------------------------------------------------------ data
@@ -275,7 +296,8 @@ class OpenQATask:
     # ------------------------------------------------------------------ step
     def retrieve(self, biencoder, batch: QABatch, k: int, grad: bool = True):
         """(query embeddings [B, H], retrieved ids [B, k], their index scores [B, k])."""
-        q_emb = biencoder.embed_queries(batch.query_ids, batch.query_mask)
+        dev = module_device(biencoder)
+        q_emb = biencoder.embed_queries(batch.query_ids.to(dev), batch.query_mask.to(dev))
         index_scores, ids = search_excluding(self.index_manager.index, q_emb.detach().float(), k,
                                              batch.exclude_ids)
         return q_emb, ids, index_scores
@@ -310,16 +332,20 @@ class OpenQATask:
             tower = biencoder.context_encoder
             was_training = tower.training
             tower.eval()
+            dev = module_device(tower)
             with torch.no_grad():
-                emb = tower(c_ids, c_mask)
+                emb = tower(c_ids.to(dev), c_mask.to(dev))
             tower.train(was_training)
             if len(self._frozen_contexts) + len(todo) > self.FROZEN_CACHE_ENTRIES:
                 self._frozen_contexts.clear()  # bounded memory at full scale
-            self._frozen_contexts.update(zip(todo, emb))
-        return torch.stack([self._frozen_contexts[i] for i in flat_ids]).view(*ids.shape, -1)
+            # Kept in host memory: a million cached vectors would not fit beside the model on a GPU.
+            self._frozen_contexts.update(zip(todo, emb.cpu()))
+        out = torch.stack([self._frozen_contexts[i] for i in flat_ids]).view(*ids.shape, -1)
+        return out.to(module_device(biencoder))
 
     def forward_step(self, models, batch: QABatch):
         biencoder, reader = models["biencoder"], models["reader"]
+        batch = batch.to(module_device(reader))  # built on the CPU by make_batch
         K = self.qa.top_k
         q_emb, ids, _ = self.retrieve(biencoder, batch, K)
         passages = self.passages(ids)
@@ -330,17 +356,18 @@ class OpenQATask:
         else:
             c_ids, c_mask = encode_context(self.rtok, [p for ps in passages for p in ps],
                                            self.qa.context_max_len, pad_to="longest")
-            c_emb = biencoder.embed_contexts(c_ids, c_mask).view(len(passages), K, -1)
+            dev = module_device(biencoder)
+            c_emb = biencoder.embed_contexts(c_ids.to(dev), c_mask.to(dev)).view(len(passages), K, -1)
         scores = biencoder.score(q_emb, c_emb)
 
-        r_ids, r_mask = self.reader_inputs(batch.questions, passages)
+        r_ids, r_mask = (t.to(module_device(reader)) for t in self.reader_inputs(batch.questions, passages))
         states, memory_mask = reader.encode(r_ids, r_mask)
         memory_ids = r_ids.view(memory_mask.shape)
         token_nll = reader.token_nll(states, memory_mask, batch.decoder_ids, batch.labels, batch.label_mask,
                                      memory_ids=memory_ids)
         reader_nll = token_nll.sum(-1)  # -log p(a | q, Z), summed over answer tokens
         if self.qa.objective.retriever_objective == "none":
-            token_lp = torch.zeros(len(passages), K, batch.labels.size(1))
+            token_lp = torch.zeros(len(passages), K, batch.labels.size(1), device=scores.device)
         else:
             # B sequences at a time: faster and smaller than K separate reader runs (all B*K at
             # once is faster still but holds every passage's cross-attention keys/values).
@@ -402,8 +429,24 @@ class OpenQATask:
                 "iteration": self._iteration, "run_id": self._run_id,
                 "accepted_index_fingerprints": list(self._accepted_index_fingerprints)}
 
+    def _reload_checkpoint_index(self) -> None:
+        """Resume with the index version the checkpoint was searching, when it is still on
+        disk, so the resumed steps retrieve exactly what the uninterrupted run did; a newer
+        version (refreshed after the checkpoint) is picked up at the next refresh."""
+        wanted = self._checkpoint_index_version
+        if not wanted or wanted == self.index_manager.version or not re.fullmatch(r"step-\d+", wanted):
+            return  # (a name from a checkpoint never leads outside the index directory)
+        path = os.path.join(self.refresh_cfg.index_dir, wanted)
+        if not os.path.isfile(os.path.join(path, "manifest.json")):
+            logger.info("the checkpoint's index %s is gone: resuming with %s", wanted, self.index_manager.version)
+            return
+        logger.info("resuming with the checkpoint's index %s (newest: %s)", wanted, self.index_manager.version)
+        self.index_manager.load(path)
+
     def load_state_dict(self, state: dict) -> None:
-        # The newest published index is picked up at start; the iteration keys answer draws.
+        # The checkpoint's index version is reloaded at start when it still exists (else the
+        # newest is used); the iteration keys answer draws.
+        self._checkpoint_index_version = state.get("index_version")
         self._iteration = int(state.get("iteration", 0))
         # The run continues: its index versions (and the index it started from) stay valid.
         self._run_id = state.get("run_id", self._run_id)

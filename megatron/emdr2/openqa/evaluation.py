@@ -52,18 +52,19 @@ def predict_batch(task, models, examples: Sequence, k_search: int, passages_in_o
     biencoder, reader = models["biencoder"], models["reader"]
     qa = task.qa
     batch = task._qa_batch(examples, [e.answers[0] if e.answers else "" for e in examples])
+    r_dev, b_dev = next(reader.parameters()).device, next(biencoder.parameters()).device
     _, ids, _ = task.retrieve(biencoder, batch, k_search)
     passages = task.passages(ids)
     K = min(qa.top_k, ids.size(1))
     reader_passages = [ps[:K] for ps in passages]
-    r_ids, r_mask = task.reader_inputs(batch.questions, reader_passages)
+    r_ids, r_mask = (t.to(r_dev) for t in task.reader_inputs(batch.questions, reader_passages))
     generated = reader.generate(r_ids, r_mask, max_length=qa.answer_max_len, num_beams=qa.num_beams,
                                 bos_id=task.tok.bos_id, eos_id=task.tok.eos_id, pad_id=task.tok.pad_id,
                                 no_repeat_ngram_size=qa.no_repeat_ngram_size)
-    q_emb = biencoder.embed_queries(batch.query_ids, batch.query_mask)
+    q_emb = biencoder.embed_queries(batch.query_ids.to(b_dev), batch.query_mask.to(b_dev))
     c_ids, c_mask = encode_context(task.rtok, [p for ps in reader_passages for p in ps],
                                    qa.context_max_len, pad_to="longest")
-    c_emb = biencoder.embed_contexts(c_ids, c_mask).view(len(examples), K, -1)
+    c_emb = biencoder.embed_contexts(c_ids.to(b_dev), c_mask.to(b_dev)).view(len(examples), K, -1)
     probs = torch.softmax(biencoder.score(q_emb, c_emb), dim=-1)
     has_gold = all(e.answers for e in examples)
     ranks = first_hit_ranks(batch.answers, passages) if has_gold else np.zeros(len(examples), np.int64)

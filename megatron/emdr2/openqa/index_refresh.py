@@ -45,6 +45,7 @@ class RefreshConfig:
     embed_batch_size: int = 128
     poll_seconds: float = 1.0       # indexers' polling period
     heartbeat_timeout: float = 900  # indexers give up when trainers stay silent this long
+    keep_versions: int = 3          # complete index versions kept on disk (0: all)
 
 
 class Exchange:
@@ -172,6 +173,8 @@ class IndexManager:
         elif self.cfg.interval and iteration % self.cfg.interval == 0:
             self.load(self.build_sync(iteration))
             self.refreshes += 1
+            if self.rank == 0 and self.cfg.keep_versions:
+                shard_store.prune_versions(self.cfg.index_dir, self.cfg.keep_versions, protect={self.version})
 
     def _after_step_async(self, iteration: int) -> None:
         if self.rank == 0:
@@ -267,3 +270,5 @@ def run_indexer(cfg: RefreshConfig, embed_version: Callable[[int, dict, str, dic
         published += 1
         if rank == 0:
             logger.info("indexer: published index for model step %d in %.1fs", step, time.perf_counter() - t0)
+            if cfg.keep_versions:  # trainers switch to the newest; older ones only fill the disk
+                shard_store.prune_versions(cfg.index_dir, cfg.keep_versions)

@@ -48,6 +48,7 @@ def build_index(biencoder, tok, evidence, out_dir: str, model_step: int = 0, bat
         embed_evidence(lambda ids, mask: tower(ids, mask), context_tokenizer(tok, evidence, max_len),
                        evidence.ids, out_dir, batch_size=batch_size, model_step=model_step, group=group,
                        compute_dtype=None if dtype == torch.float32 else dtype, progress=progress,
+                       device=param.device,  # where the tower is (still the CPU while models are built)
                        overwrite=True, extra=extra, fingerprint=tower_fingerprint(tower))
     finally:
         tower.train(was_training)

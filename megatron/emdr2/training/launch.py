@@ -45,8 +45,9 @@ def _user_errors() -> tuple:
     from megatron.emdr2.index.shard_store import IndexStoreError
     from megatron.emdr2.openqa.builders import PretrainedError
     from megatron.emdr2.training.checkpointing import CheckpointError
+    from megatron.emdr2.training.loop import TrainingDiverged
 
-    return (ConfigError, DataError, IndexStoreError, PretrainedError, CheckpointError)
+    return (ConfigError, DataError, IndexStoreError, PretrainedError, CheckpointError, TrainingDiverged)
 
 
 def run(task_factory: Callable[[], object], cfg: TrainingConfig, started: bool = False):

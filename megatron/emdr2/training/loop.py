@@ -27,6 +27,10 @@ from megatron.emdr2.training.setup import build_optimizer, build_scheduler, mark
 from megatron.emdr2.training.task import Task, optional
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite outside fp16 loss scaling: stop before the step is applied."""
+
+
 @dataclass
 class TrainState:
     iteration: int = 0
@@ -87,7 +91,9 @@ class Trainer:
             task.num_train_samples(), cfg.batch.global_batch_size, self.dp_rank, self.dp_size,
             seed=cfg.seed, shuffle=True)
         self.state = TrainState()
+        self.exited_early = False
         self._saved_at: Optional[int] = None
+        self._started = time.monotonic()
         self.logger = MetricsLogger(cfg.logging, save_dir=cfg.checkpoint.save, enabled=_is_rank0())
         self._maybe_resume()
         on_train_start = optional(task, "on_train_start")
@@ -142,7 +148,13 @@ class Trainer:
             self.optimizer.reload_model_params()
             self.logger.print(f"loaded model weights of iteration {iteration} from {c.load} (finetune)")
             return
-        self.optimizer.load_state_dict(model_state["optimizer"])
+        try:
+            self.optimizer.load_state_dict(model_state["optimizer"])
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise ckpt.CheckpointError(
+                f"{ckpt.iteration_dir(c.load, iteration)}: its optimizer state does not fit this run's "
+                f"parameter groups (different lr multipliers or frozen parts?): {str(e).splitlines()[0]}; "
+                f"pass --finetune to load the weights only") from None
         self.scheduler.load_state_dict(model_state["scheduler"])
         self.state.iteration = iteration
         ts = model_state.get("train_state", {})
@@ -173,6 +185,7 @@ class Trainer:
             sums["loss"] = sums.get("loss", 0.0) + _to_float(loss)
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + _to_float(v)
+        self._check_finite(sums["loss"])
         for m in self.ddp_models:
             m.finish_grad_sync()
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
@@ -186,7 +199,31 @@ class Trainer:
                    loss_scale=float(self.optimizer.get_loss_scale().item()),
                    grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
                    skipped=0.0 if updated else 1.0)
+        if torch.cuda.is_available():
+            out["gpu_peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
         return out
+
+    def _check_finite(self, loss: float) -> None:
+        """fp16's loss scaler skips overflowing steps by itself; in fp32/bf16 a NaN or infinite
+        loss would poison the weights and every later checkpoint, so the run stops before this
+        step is applied (all trainer ranks together), naming the last good checkpoint."""
+        if self.cfg.precision.fp16:
+            return
+        bad = torch.tensor([0.0 if math.isfinite(loss) else 1.0])
+        if torch.distributed.is_initialized():
+            if torch.cuda.is_available():
+                bad = bad.cuda()
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+        if bad.item() == 0:
+            return
+        c = self.cfg.checkpoint
+        last = ckpt.resolve_iteration(c.save, None) if c.save and os.path.isdir(c.save) else None
+        where = (f"the last checkpoint is {ckpt.iteration_dir(c.save, last)}" if last is not None
+                 else "no checkpoint was saved")
+        raise TrainingDiverged(
+            f"iteration {self.state.iteration + 1}: the loss is not finite ({loss}) on "
+            f"{'this' if not math.isfinite(loss) else 'another'} rank; stopped before applying the step "
+            f"({where}). Lower --lr or --clip-grad, or resume from an earlier checkpoint")
 
     # ------------------------------------------------------------------ loop
     def evaluate(self) -> Optional[dict]:
@@ -227,6 +264,11 @@ class Trainer:
             close = optional(self.task, "close")
             if close:
                 close()  # also on failure: e.g. tells indexer ranks that training has stopped
+        if self.exited_early:  # a later run goes on from this checkpoint: no final eval or tests
+            if self._saved_at != self.state.iteration:
+                self.save()
+            self.logger.close()
+            return self.state
         if cfg.logging.eval_interval and self.state.iteration % cfg.logging.eval_interval != 0:
             with self.autocast():
                 self.evaluate()
@@ -268,6 +310,24 @@ class Trainer:
             if cfg.checkpoint.save_interval and it % cfg.checkpoint.save_interval == 0:
                 self.save()
                 self._saved_at = it
+            if it < total and self._should_exit(it):
+                self.logger.print(f"exiting at iteration {it} (--exit-interval/--exit-duration-in-mins); "
+                                  f"rerun with --load {cfg.checkpoint.save} to continue")
+                self.exited_early = True
+                return
+
+    def _should_exit(self, iteration: int) -> bool:
+        c = self.cfg.checkpoint
+        if c.exit_interval and iteration % c.exit_interval == 0:
+            return True
+        if not c.exit_duration_mins:
+            return False
+        done = torch.tensor([float(time.monotonic() - self._started >= 60 * c.exit_duration_mins)])
+        if torch.distributed.is_initialized():  # every rank must leave at the same step
+            if torch.cuda.is_available():
+                done = done.cuda()
+            torch.distributed.all_reduce(done, op=torch.distributed.ReduceOp.MAX)
+        return bool(done.item())
 
 
 def compute_device() -> torch.device:

@@ -102,7 +102,11 @@ def build_optimizer(ddp_models: list, cfg: TrainingConfig, lr_groups: Optional[d
     if lr_groups:
         overrides = get_standard_config_overrides(config)  # keeps no weight decay on biases/norms
         for tag, factor in lr_groups.items():
-            overrides[ParamKey(attr=tag)] = {"max_lr": o.lr * factor, "min_lr": o.min_lr * factor}
+            # megatron-core's scheduler ignores lr_mult, but its optimizer matches a checkpoint's
+            # param groups to this run's by (wd_mult, lr_mult, ...): without a distinct lr_mult,
+            # groups differing only in max_lr collide and resuming fails.
+            overrides[ParamKey(attr=tag)] = {"max_lr": o.lr * factor, "min_lr": o.min_lr * factor,
+                                             "lr_mult": float(factor)}
     return get_megatron_optimizer(config, ddp_models, config_overrides=overrides)
 
 

@@ -11,11 +11,16 @@ class Task(Protocol):
     """A training task (ICT, DPR, MSS, EMDR², ...) is a dataset, a forward step and a loss.
 
     Required:
-      build_models()            -> {name: MegatronModule}, fp32, on CPU; the loop casts and wraps them.
+      build_models()            -> {name: MegatronModule}, fp32 (on the CPU, or already on the
+                                    GPU where the task needs them there early); the loop casts,
+                                    moves to the GPU and wraps them.
       num_train_samples()       -> size of the training set (the sampler draws indices from it).
-      make_batch(indices)       -> one micro-batch from dataset indices (this rank's share).
+      make_batch(indices)       -> one micro-batch from dataset indices (this rank's share), built
+                                    on the CPU.
       forward_step(models, batch) -> (loss, metrics): loss is a scalar averaged over the
                                     micro-batch; metrics maps names to scalar tensors/floats to log.
+                                    It moves the batch to its models' device itself (a batch may
+                                    hold strings and index ids that stay on the host).
     Optional:
       evaluate(models, iteration) -> {metric: float}; a 'score' key drives best-checkpoint selection.
       on_train_start(models, iteration) -> None, once the weights are final (after a resume or a
