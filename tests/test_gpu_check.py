@@ -9,7 +9,7 @@ import pytest
 
 from openqa_helpers import ROOT, env
 
-EXPECTED = [f"train:{t}:{p}:tiny" for t in ("ict", "dpr", "mss", "emdr2") for p in ("fp32", "autocast-bf16")] + [
+EXPECTED = [f"train:{t}:{p}:tiny" for t in ("ict", "dpr", "mss", "emdr2") for p in ("fp32", "autocast-bf16", "fp16", "bf16")] + [
     "fp16:overflow", "search:fp16", "embed:distributed", "refresh:async", "checkpoint:resume"]
 
 
@@ -23,7 +23,7 @@ def test_every_check_passes_on_cpu(tmp_path):
     checks = {c["name"]: c for c in report["checks"]}
     assert list(checks) == EXPECTED
     assert all(c["status"] == "ok" for c in checks.values()), checks
-    for name in EXPECTED[:8]:
+    for name in EXPECTED[:16]:
         assert checks[name]["numbers"]["step_ms"] > 0
     overflow = checks["fp16:overflow"]["numbers"]
     assert overflow["skipped_steps"] >= 1 and overflow["last_scale"] < overflow["first_scale"]

@@ -46,6 +46,13 @@ def shifted(ids: Tensor, by: int) -> Tensor:
     return torch.nn.functional.pad(ids[:, :ids.size(1) - by], (by, 0), value=NO_TOKEN)
 
 
+def _fp32_linear(layer: torch.nn.Linear, x: Tensor) -> Tensor:
+    """The head scores in fp32 whatever the model's dtype: under --bf16/--fp16 its weights are
+    half precision too (autocast may still lower the matmul itself)."""
+    bias = layer.bias.float() if layer.bias is not None else None
+    return F.linear(x.float(), layer.weight.float(), bias)
+
+
 class CopyHead(torch.nn.Module):
     def __init__(self, hidden_size: int, init_std: float = 0.02, continuation: bool = False):
         super().__init__()
@@ -61,7 +68,7 @@ class CopyHead(torch.nn.Module):
 
     def keys(self, states: Tensor) -> Tensor:
         """Memory states [N, M, H] -> copy keys [N, M, H] (computed once per memory)."""
-        return self.key(states.float())
+        return _fp32_linear(self.key, states)
 
     def continuation_bias(self, ids: Tensor, inputs: Tensor) -> Tensor:
         """Span-continuation scores [T, N, M] for decoder inputs [N, T] over memory ids [N, M]:
@@ -77,7 +84,7 @@ class CopyHead(torch.nn.Module):
         """Copy distribution over the memory [T, N, M] (0 at padding). With span continuation,
         ``ids`` (memory token ids [N, M]) and ``inputs`` (the decoder's input tokens [N, T'],
         T' >= T; the last T are this call's steps) are needed."""
-        scores = torch.einsum("tnh,nmh->tnm", self.query(hidden.float()), keys) * self.scale
+        scores = torch.einsum("tnh,nmh->tnm", _fp32_linear(self.query, hidden), keys) * self.scale
         if self.continuation is not None:
             if ids is None or inputs is None:
                 raise ValueError("a copy head with span continuation needs the memory ids and the "
@@ -88,7 +95,7 @@ class CopyHead(torch.nn.Module):
 
     def log_gates(self, hidden: Tensor) -> tuple[Tensor, Tensor]:
         """(log g, log(1 − g)) [T, N]."""
-        z = self.gate(hidden.float())[..., 0]
+        z = _fp32_linear(self.gate, hidden)[..., 0]
         return F.logsigmoid(z), F.logsigmoid(-z)
 
     def mix_gold(self, vocab_gold_logprob: Tensor, hidden: Tensor, keys: Tensor, mask: Tensor,
