@@ -29,6 +29,11 @@ class DataError(ValueError):
         message = f"{self.path}:{location} {problem}".replace("\r", " ").replace("\n", " ")
         super().__init__(message)
 
+    def __reduce__(self):
+        # Rebuilt from its three parts when a worker process hands it back (multiprocessing
+        # pickles exceptions; the default would call DataError(message) and fail).
+        return (type(self), (self.path, self.where, self.problem))
+
 
 ON_ERROR_CHOICES = ("raise", "skip")
 

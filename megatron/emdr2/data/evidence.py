@@ -11,6 +11,7 @@ essentially never is. A record never spans lines in either layout.
 from __future__ import annotations
 
 import gzip
+import zlib
 import json
 import logging
 import os
@@ -31,9 +32,39 @@ TEXT_SUFFIX, TITLE_SUFFIX, RAW_SUFFIX = "_text_document", "_title_document", "_r
 IDS_SUFFIX, META_SUFFIX = "_ids.npy", "_meta.json"
 
 
+class _CheckedGzipFile(gzip.GzipFile):
+    """A gzip file whose truncation or corruption is a DataError naming it, not an EOFError
+    deep in a reader."""
+
+    def __init__(self, path: str):
+        super().__init__(path, "rb")
+        self._path = path
+
+    def _checked(self, read, *args):
+        try:
+            return read(*args)
+        except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+            raise DataError(self._path, None, f"truncated or corrupt gzip file ({e})") from None
+
+    def read(self, size=-1):
+        return self._checked(super().read, size)
+
+    def read1(self, size=-1):
+        return self._checked(super().read1, size)
+
+    def readline(self, size=-1):
+        return self._checked(super().readline, size)
+
+    def __next__(self):
+        line = self.readline()
+        if not line:
+            raise StopIteration
+        return line
+
+
 def open_binary(path):
     path = str(path)
-    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+    return _CheckedGzipFile(path) if path.endswith(".gz") else open(path, "rb")
 
 
 def unquote_field(field: str, quoting: str = "auto") -> str:
@@ -63,6 +94,8 @@ class TsvLayout:
 
     def parse(self, raw: bytes, line_no: int) -> tuple[int, str, str]:
         line = _decode(raw, self.path, line_no).rstrip("\r\n")
+        if "\x00" in line:  # a binary or corrupted file, not text
+            raise DataError(self.path, line_no, f"NUL byte at character {line.index(chr(0)) + 1} of the line")
         if not line.strip():
             raise DataError(self.path, line_no, "blank line (expected id, text, title)")
         fields = line.split("\t")

@@ -251,6 +251,9 @@ def preprocess_evidence(input_path, output_prefix, tokenizer: TokenizerSpec | No
         try:
             _run_chunks(_read_chunks(f, 2, chunk_rows), store, spec, workers,
                         lambda first, lines: (layout, first, lines, on_error, write_raw, dtype))
+            if store.rows == 0:  # nothing to index: an error now, not a 0 x 0 index later
+                raise DataError(input_path, None, "no passages (the file holds only a header, or every "
+                                                  "line was skipped)")
             store.finalize()
         except BaseException:
             store.abort()

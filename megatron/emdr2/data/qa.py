@@ -91,8 +91,15 @@ def _detect(path: str, text: str):
     if not head:
         raise DataError(path, None, "empty file")
     first_line = head.split("\n", 1)[0]
-    if head[0] not in "[{":
+    if text.lstrip(" \r\n").startswith("\t"):  # a tsv row with an empty question
         return "tsv", None
+    if head[0] not in "[{":
+        try:
+            scalar = json.loads(text)
+        except json.JSONDecodeError:
+            return "tsv", None
+        raise DataError(path, None, f"holds a single JSON {type(scalar).__name__}, not questions "
+                                    f"(a JSON list, JSON lines or tsv)")
     if head[0] == "{":
         try:
             obj = json.loads(first_line)
