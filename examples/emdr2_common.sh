@@ -29,6 +29,6 @@ launch tasks.openqa.emdr2 \
   --lr 2e-5 --lr-warmup-fraction 0.01 --lr-decay-style linear --weight-decay 0.1 --clip-grad 1.0 \
   --retriever-hidden-dropout 0.1 --reader-hidden-dropout 0.1 \
   --query-max-len 256 --reader-max-len 512 --answer-max-len 32 \
-  --bf16 --save "$SAVE" --load "$SAVE" --save-interval 500 --keep-last 3 \
+  --bf16 --checkpoint-activations --save "$SAVE" --load "$SAVE" --save-interval 500 --keep-last 3 \
   --eval-interval 500 --eval-batch-size 16 --predictions-file "$SAVE/predictions-{iteration}.jsonl" \
   --tensorboard-dir "$SAVE/tensorboard" "$@"

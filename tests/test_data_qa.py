@@ -77,8 +77,8 @@ MALFORMED = [
     ("qa_invalid_utf8.tsv", "line 2:", "invalid UTF-8"),
     ("qa_missing_column.tsv", "line 2:", "expected 2 tab-separated columns"),
     ("qa_truncated.json", "line 3:", "invalid JSON"),
-    ("qa_dpr_bad_record.json", "record 1:", "answers must be a list of strings, found str"),
-    ("qa_dpr_bad_passage_id.json", "record 0:", "passage_id 'wiki:7' is not a non-negative integer"),
+    ("qa_dpr_bad_record.json", "record 2:", "answers must be a list of strings, found str"),
+    ("qa_dpr_bad_passage_id.json", "record 1:", "passage_id 'wiki:7' is not a non-negative integer"),
     ("qa_empty_answer.jsonl", "line 1:", "answer 1 is empty"),
 ]
 

@@ -23,8 +23,8 @@ def _run_env(flags, extra_env=None):
     (["--load", "/nonexistent/checkpoints"], {}, "--load /nonexistent/checkpoints: no such directory"),
     (["--global-batch-size", "6", "--micro-batch-size", "4"], {}, "is not a multiple of --micro-batch-size"),
     (["--no-such-flag"], {}, "unrecognized arguments: --no-such-flag"),
-    (["--use-distributed-optimizer", "--save", "/tmp/never-written"], {},
-     "--use-distributed-optimizer cannot be checkpointed yet"),
+    (["--use-distributed-optimizer", "--optimizer", "sgd", "--save", "/tmp/never-written"], {},
+     "--use-distributed-optimizer checkpoints (--save/--load) need --optimizer adam, not sgd"),
 ])
 def test_bad_flags_fail_with_one_line(flags, extra_env, expected):
     proc = _run_env(flags, extra_env)

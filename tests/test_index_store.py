@@ -117,23 +117,28 @@ def test_embed_single_process(tmp_path):
     np.testing.assert_array_equal(emb, ref)
 
 
-def _slow_embed_job(out_dir):
+def _slow_embed_job(out_dir, overwrite=True):
     """Run in a subprocess that the test kills midway."""
     evid = np.arange(4000, dtype=np.int64)
     embed_evidence(_BagEncoder(delay=0.05), fake_tokenize, evid, out_dir, batch_size=50,
-                   progress=False, overwrite=True)
+                   progress=False, overwrite=overwrite)
 
 
-def test_killed_embedding_leaves_no_manifest(tmp_path):
+def test_killed_overwrite_leaves_the_published_version_loadable(tmp_path):
+    """An --overwrite rebuild killed midway: the version published before is untouched and still
+    what LATEST names (the new shards were going to a staging sibling); a later rebuild clears
+    the leftovers and swaps its complete version in."""
     version = tmp_path / "step-00000001"
-    write_index(version, torch.randn(100, 32), np.arange(100))  # a published earlier build
+    old = torch.randn(100, 32)
+    write_index(version, old, np.arange(100))  # a published earlier build
     assert read_manifest(tmp_path).num_rows == 100
     code = f"import sys; sys.path.insert(0, {str(TESTS)!r}); import test_index_store as t; t._slow_embed_job({str(version)!r})"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-c", code], env=env)
+    staging = tmp_path / "step-00000001.staging"
     try:
         deadline = time.time() + 60
-        while not list(version.glob("*.emb.partial")):
+        while not list(staging.glob("*.emb.partial")):
             assert proc.poll() is None, "embedding job ended before it could be killed"
             assert time.time() < deadline, "embedding job never started writing"
             time.sleep(0.05)
@@ -141,10 +146,30 @@ def test_killed_embedding_leaves_no_manifest(tmp_path):
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    assert not (version / "manifest.json").exists()
-    assert list(version.glob("*.partial"))
-    with pytest.raises(IndexStoreError, match="LATEST points at a version without a manifest"):
-        ShardedIndex.load(tmp_path)
+    assert list(staging.glob("*.partial")) and not (staging / "manifest.json").exists()
+    index = ShardedIndex.load(tmp_path)  # the old version, intact
+    assert index.num_rows == 100
+    np.testing.assert_array_equal(open_shard(read_manifest(tmp_path), 0)[0], old.half().numpy())
+    new = torch.randn(60, 32)
+    write_index(version, new, np.arange(60), overwrite=True)
+    assert read_manifest(tmp_path).num_rows == 60 and not staging.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["LATEST", "step-00000001"]
+
+
+def test_killed_first_build_is_not_published(tmp_path):
+    version = tmp_path / "step-00000001"
+    code = (f"import sys; sys.path.insert(0, {str(TESTS)!r}); import test_index_store as t; "
+            f"t._slow_embed_job({str(version)!r}, overwrite=False)")
+    proc = subprocess.Popen([sys.executable, "-c", code], env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        deadline = time.time() + 60
+        while not list(version.glob("*.emb.partial")):
+            assert proc.poll() is None and time.time() < deadline
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert not (version / "manifest.json").exists() and not (tmp_path / "LATEST").exists()
     with pytest.raises(IndexStoreError, match=r"missing, the index is not published \(unfinished files"):
         ShardedIndex.load(version)
 

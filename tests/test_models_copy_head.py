@@ -106,8 +106,30 @@ def test_copy_head_greedy_and_beam_follow_the_distribution(continuation):
     assert torch.equal(logp.argmax(-1)[:, :steps], gen)
     memory = ids.reshape(2, -1)
     assert all(int(t) in set(memory[b].tolist()) for b in range(2) for t in gen[b])  # it copies
-    beams = reader.generate(ids, mask, max_length=5, num_beams=3, bos_id=0, eos_id=1)
-    assert beams.shape[0] == 2 and beams.shape[1] <= 5
+
+
+@CONTINUATION
+def test_copy_head_beam_search_with_every_token_kept_is_exact(continuation):
+    """With as many beams as real tokens, beam search over two steps keeps every prefix, so its
+    answer must be the best of all answers of length <= 2 under its own score, sum(log p) /
+    length (eos ends an answer): found here by scoring every one of them teacher-forced."""
+    reader = _reader(continuation=continuation)
+    ids, mask, _, _ = _batch()
+    B, eos = ids.size(0), 1
+    out = reader.generate(ids, mask, max_length=2, num_beams=REAL_V, bos_id=0, eos_id=eos)
+    with torch.no_grad():
+        first = _full_log_probs(reader, ids, mask, torch.zeros(B, 1, dtype=torch.long))[:, 0]  # [B, V]
+        a = torch.arange(REAL_V)
+        rep = lambda t: t.repeat_interleave(REAL_V, 0)
+        dec = torch.stack([torch.zeros(B * REAL_V, dtype=torch.long), a.repeat(B)], 1)
+        second = _full_log_probs(reader, rep(ids), rep(mask), dec)[:, 1].view(B, REAL_V, -1)  # [B, a, V]
+    for b in range(B):
+        two = (first[b, :REAL_V, None] + second[b, :, :REAL_V]) / 2  # answers a, c (c may be eos)
+        two[eos] = float("-inf")  # after eos nothing follows
+        best = max(float(first[b, eos]), float(two.max()))
+        seq = [int(t) for t in out[b]]
+        got = float(first[b, eos]) if seq[0] == eos else float(first[b, seq[0]] + second[b, seq[0], seq[1]]) / 2
+        assert got == pytest.approx(best, abs=1e-5), (b, seq, got, best)
 
 
 @CONTINUATION

@@ -346,8 +346,16 @@ def test_megatron_style_reader_loss_and_backward():
     grads = {n: p.grad for n, p in reader.named_parameters()}
     assert grads["embedding.word_embeddings.weight"].abs().sum() > 0
     assert grads["encoder.layers.0.self_attention.linear_qkv.weight"].abs().sum() > 0
-    gen = reader.generate(ids, mask, max_length=4, num_beams=2, bos_id=0, eos_id=1)
-    assert gen.shape[0] == 2 and gen.shape[1] <= 4
+    # Cached greedy decoding picks, at every step, the argmax of the uncached teacher-forced
+    # logits of its own prefix (beam search is checked against Hugging Face's in _assert_same_decoding).
+    reader.eval()
+    gen = reader.generate(ids, mask, max_length=4, num_beams=1, bos_id=0, eos_id=1)
+    prefix = torch.cat([torch.zeros(2, 1, dtype=torch.long), gen[:, :-1]], 1)
+    with torch.no_grad():
+        full = reader(ids, mask, prefix)
+    for b in range(2):
+        steps = gen.size(1) if 1 not in gen[b].tolist() else gen[b].tolist().index(1) + 1
+        assert gen[b, :steps].tolist() == full[b, :steps, :].argmax(-1).tolist(), (b, gen[b], full[b].argmax(-1))
 
 
 # ------------------------------------------------------------------ bi-encoder

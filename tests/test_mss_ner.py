@@ -150,6 +150,18 @@ def test_tool_resumes_from_finished_chunks_only(tmp_path, nq_mini):
     err = res.stderr.strip()
     assert "\n" not in err and "manifest.json" in err and "chunk_size" in err, err
 
+    # Parts left by a run over an evidence file since changed in place (same path) are refused.
+    evidence = tmp_path / "evidence.tsv"
+    evidence.write_text("\n".join((nq_mini / "evidence.tsv").read_text().splitlines()[:8]) + "\n")
+    out3 = tmp_path / "changed.jsonl"
+    changed = ["--evidence", str(evidence), "--output", str(out3), "--chunk-size", "3", "--workers", "0"]
+    tool._open_parts(tool.parse_args(changed), str(out3) + ".parts")
+    lines = evidence.read_text().splitlines()
+    lines[1] = lines[1].replace("\t", "\tEdited: ", 1)
+    evidence.write_text("\n".join(lines) + "\n")
+    res = _run_tool(*changed)
+    assert res.returncode == 1 and "evidence_sha256" in res.stderr and "\n" not in res.stderr.strip(), res.stderr
+
 
 # ---------------------------------------------------------------------------- Stanza
 def test_stanza_without_package_or_models_says_so_in_one_line(tmp_path, nq_mini):

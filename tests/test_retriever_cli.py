@@ -67,7 +67,13 @@ def test_index_tools_read_the_ict_checkpoint(ict_run, data, tmp_path):
     assert eval_retrieval.main(["--checkpoint", str(ict_run), "--max-seq-length", "96", "--index",
                                 str(tmp_path / "idx"), "--evidence", str(data["evidence"]),
                                 "--qa-file", str(data["dev"]), "--metrics-out", str(tmp_path / "m.json")]) == 0
-    assert json.loads((tmp_path / "m.json").read_text())["questions"] == 20
+    m = json.loads((tmp_path / "m.json").read_text())
+    # the tools' index and search agree with the ICT task's own dev evaluation of the same
+    # (latest) weights: two code paths (training-time eval vs build_index + eval_retrieval)
+    final = records(ict_run / "metrics.jsonl", kind="eval")[-1]
+    assert m["questions"] == 20 and final["iteration"] == 3
+    assert {k: m[k] for k in ("top1", "top5", "top20", "top100")} == pytest.approx(
+        {k: final[k] for k in ("top1", "top5", "top20", "top100")}, abs=0.051)  # within one question
 
 
 def test_dpr_from_ict_with_dense_negatives_remined_each_epoch(ict_run, data):

@@ -41,6 +41,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--evidence", required=True, help="evidence tsv (id, text, title) or a preprocessed prefix")
     p.add_argument("--output", required=True, help="JSON-lines file to write")
+    p.add_argument("--max-passage-chars", type=int, default=100_000,
+                   help="refuse passages longer than this (DPR's are ~600 characters)")
     p.add_argument("--backend", choices=BACKENDS, default="spacy")
     p.add_argument("--spacy-model", default=SPACY_MODEL, help="installed spaCy pipeline with an OntoNotes NER")
     p.add_argument("--stanza-dir", default=None, help="directory of Stanza models downloaded beforehand")
@@ -124,8 +126,23 @@ def _annotate_chunk(k: int, passages: list) -> tuple[int, int, int, int]:
     return k, len(passages), len(records), sum(len(r.entities) for r in records)
 
 
+def _file_identity(path: str) -> str:
+    """sha256 of the file's bytes (psgs_w100.tsv, 13 GB: ~20 s, once per run): parts of an
+    interrupted run are reused only for the very same evidence, not for a file changed in place."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            h.update(block)
+    return h.hexdigest()
+
+
 def _settings(args) -> dict:
-    return {"evidence": os.path.abspath(args.evidence), "backend": args.backend,
+    if not hasattr(args, "_evidence_sha256"):
+        args._evidence_sha256 = _file_identity(args.evidence) if os.path.isfile(args.evidence) else None
+    return {"evidence": os.path.abspath(args.evidence), "evidence_sha256": args._evidence_sha256,
+            "backend": args.backend,
             "model": args.spacy_model if args.backend == "spacy" else os.path.abspath(args.stanza_dir or ""),
             "vocab_file": os.path.abspath(args.vocab_file) if args.vocab_file else None,
             "chunk_size": args.chunk_size, "max_passages": args.max_passages,
@@ -205,8 +222,9 @@ def annotate(args) -> dict:
     # Fail fast, in one line, before any worker starts; --workers 0 annotates with this backend.
     check_backend(args.backend, args.spacy_model, args.stanza_dir)
     backend = make_backend(args.backend, args.spacy_model, args.stanza_dir) if args.workers == 0 else None
+    total = count_passages(args.evidence)  # reads the whole file: a damaged one stops here
+    resuming = os.path.exists(parts)
     _open_parts(args, parts)
-    total = count_passages(args.evidence)
     if args.max_passages is not None:
         total = min(total, args.max_passages) if total is not None else args.max_passages
     passages = iter_passages(args.evidence)
@@ -220,6 +238,12 @@ def annotate(args) -> dict:
     def todo():
         nonlocal n_chunks
         for k, block in chunks(passages, args.chunk_size):
+            for doc_id, text in block:  # before any worker tries: spaCy needs ~1 GB per 100k chars
+                if len(text) > args.max_passage_chars:
+                    raise DataError(args.evidence, f"passage id {doc_id}",
+                                    f"{len(text):,} characters, more than --max-passage-chars "
+                                    f"{args.max_passage_chars:,} (the NER model needs about 1 GB per 100,000 "
+                                    "characters): split long passages (tools/split_wikipedia.py) or raise the limit")
             n_chunks = k + 1
             if os.path.exists(chunk_path(parts, k)):  # finished by an earlier run
                 stats["resumed_chunks"] += 1
@@ -229,8 +253,17 @@ def annotate(args) -> dict:
 
     try:
         _run_chunks(args, parts, todo(), bar, stats, backend)
+    except DataError:
+        # Bad evidence: this run's chunks could never be reused (the fixed file has another
+        # sha256), so it leaves nothing behind; an earlier run's parts stay as they were.
+        if not resuming:
+            shutil.rmtree(parts, ignore_errors=True)
+        raise
     finally:
         bar.close()
+    if stats["passages"] == 0 and not stats["resumed_chunks"]:
+        shutil.rmtree(parts, ignore_errors=True)
+        raise DataError(args.evidence, None, "no passages (the file holds only a header)")
     _join_parts(parts, n_chunks, args.output)
     stats.update(output=args.output, chunks=n_chunks, seconds=round(time.time() - t0, 1), status="done")
     return stats

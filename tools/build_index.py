@@ -34,6 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 logger = logging.getLogger("build_index")
 
 
+_JSON_TYPES = {"int": ((int,), "an integer"), "float": ((int, float), "a number"), "bool": ((bool,), "true or false"),
+               "str": ((str,), "a string")}
+
+
 @dataclasses.dataclass
 class RetrieverConfig:
     """Architecture of a BiEncoder stored as a state dict (the "config" of a .pt checkpoint)."""
@@ -58,9 +62,16 @@ class RetrieverConfig:
         if unknown:
             raise ValueError(f"{where}: unknown retriever config keys {unknown}")
         try:
-            return cls(**d)
+            cfg = cls(**d)
         except TypeError as e:
             raise ValueError(f"{where}: incomplete retriever config ({e})") from None
+        for f in dataclasses.fields(cls):  # JSON gives any type: check before building a model
+            value, kind = getattr(cfg, f.name), f.type.split(" ")[0]  # "int | None" -> "int"
+            allowed, words = _JSON_TYPES[kind]
+            if not ((value is None and "None" in f.type)
+                    or (isinstance(value, allowed) and (kind == "bool" or not isinstance(value, bool)))):
+                raise ValueError(f"{where}: {f.name} must be {words}, found {value!r}")
+        return cfg
 
 
 class RetrieverLoadError(RuntimeError):
@@ -138,7 +149,11 @@ def load_retriever(checkpoint: str, config_file: str | None = None, random_init:
     torch.manual_seed(seed)
     model = BiEncoder(_tower(cfg), None if shared else _tower(cfg))
     if not random_init:
-        load_into(model, state, str(path))
+        try:
+            load_into(model, state, str(path))
+        except PretrainedError as e:
+            source = f"--config {config_file}" if config_file else "its recorded config"
+            raise RetrieverLoadError(f"{e} ({source} does not match the weights)") from None
     return model.eval(), _tokenizer(cfg.vocab_file, cfg.lower_case), {
         "kind": "state_dict", "path": str(path), "random_init": random_init}
 
@@ -156,7 +171,9 @@ def _config_from_meta(path: str, state: dict) -> dict | None:
     cfg = {"num_layers": size["num_layers"], "hidden_size": size["hidden_size"],
            "num_attention_heads": size["num_attention_heads"], "ffn_hidden_size": size.get("ffn_hidden_size"),
            "max_sequence_length": size.get("seq_length", 512),
-           "post_layernorm": bool(meta.get("post_layernorm", False)),
+           # MSS/EMDR² record the layout with the sizes (meta["retriever"]); a post-LN tower (BERT
+           # warm start) rebuilt pre-LN loads without complaint and embeds everything alike
+           "post_layernorm": bool(size.get("post_layernorm", meta.get("post_layernorm", False))),
            "shared": bool(meta.get("shared_towers", False)), "vocab_file": meta.get("vocab_file")}
     if emb is not None:
         cfg["vocab_size"] = int(emb.shape[0])

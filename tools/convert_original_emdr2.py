@@ -55,6 +55,30 @@ def _merge_reader(ckpt, reader_path: str):
     return ckpt
 
 
+def original_reading(args: dict, sizes: dict) -> dict:
+    """How the original read and decoded with this checkpoint, for our checkpoint's meta (so
+    that `tasks.openqa.evaluate --load` reads the same way): its reader rows ([CLS] q [SEP] title
+    [SEP] the passage extended with its article neighbours [SEP]: `postprocess` and
+    `query_extended_context_t5_format` in its megatron/model/emdr2_model.py), and the lengths and
+    top-K of its run (its args; else the values of its examples/openqa/emdr2_*.sh: --seq-length
+    512, --seq-length-ret 256, --decoder-seq-length 32, --topk-retrievals 50, --beam-size 1),
+    never longer than the models' position tables."""
+    def arg(name, default):
+        value = args.get(name)
+        return int(value) if isinstance(value, (int, float)) and value > 0 else default
+
+    def positions(role, length):
+        return min(length, sizes[role]["seq_length"]) if role in sizes else length
+
+    return {"reader_context": "neighbours", "reader_format": "original",
+            "reader_max_len": positions("reader", arg("seq_length", 512)),
+            "query_max_len": positions("retriever", arg("seq_length_ret", 256)),
+            "context_max_len": positions("retriever", arg("seq_length_ret", 256)),
+            # (the decoder reads [BOS] and the answer: one position more than the answer)
+            "answer_max_len": positions("reader", arg("max_decode_len", arg("decoder_seq_length", 32)) + 1) - 1,
+            "top_k": arg("topk_retrievals", 50), "num_beams": arg("beam_size", 1), "no_repeat_ngram_size": 0}
+
+
 def _init_single_process() -> None:
     from megatron.emdr2.initialize import free_port, initialize
 
@@ -100,7 +124,8 @@ def convert(args) -> str:
     if conv.reader is not None:
         model = builders.build_reader(ModelSize(**conv.sizes["reader"]), tok.vocab_size, tok.real_vocab_size)
         models["reader"] = fill_state(model, conv.reader, "reader")
-    meta = dict(conv.sizes, shared_towers=False, vocab_file=rtok.vocab_file, converted_from=conv.info)
+    meta = dict(conv.sizes, shared_towers=False, vocab_file=rtok.vocab_file, converted_from=conv.info,
+                **original_reading(ckpt.args, conv.sizes))
     state = {"iteration": ckpt.iteration, "models": models, "meta": meta}
     path = ckpt_io.save_checkpoint(args.out, ckpt.iteration, state, {"converted": True},
                                    meta={"world_size": 1, "converted_from": conv.info})

@@ -59,7 +59,7 @@ def main(argv=None) -> int:
                                     on_error="skip" if args.skip_invalid else "raise",
                                     write_raw=not args.no_raw, progress=not args.quiet)
     except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"preprocess_evidence: error: {e}", file=sys.stderr)
         return 1
     text = json.dumps(stats)
     print(text)

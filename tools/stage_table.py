@@ -4,9 +4,15 @@
 
 Reads the ICT stage's last dev evaluation (``ict/metrics.jsonl``: retrieval only, it has no reader)
 and the ``<stage>.dev.json`` files that ``tasks.openqa.evaluate --metrics-out`` wrote for the
-stages with a reader (mss, emdr2); prints one row per stage and writes ``final_metrics.json``
-(the last stage's metrics at the top level, every stage under "stages", the run time) atomically.
-The last line printed is that file's path.
+stages with a reader (mss, emdr2); prints one row per stage, then the paper's Table 8 as one
+line (retrieval recall@5 on the dev questions after ICT and after MSS), and writes
+``final_metrics.json`` (the last stage's metrics at the top level, every stage under "stages",
+Table 8 under "table8", the run time) atomically. The last line printed is that file's path.
+
+    python tools/stage_table.py --run RUN --table8-only [--mss-metrics M.json]   # only the Table 8 line
+
+(``--table8-only`` needs just ``ict/metrics.jsonl`` and the MSS checkpoint's dev metrics; the
+unsupervised study and examples/compare_objectives.sh print it for their ICT + MSS start.)
 """
 
 from __future__ import annotations
@@ -63,6 +69,25 @@ def stage_metrics(run: str) -> dict[str, dict]:
     return {s: {k: m[k] for k in (*COLUMNS, "questions", "read_questions") if k in m} for s, m in out.items()}
 
 
+def table8(ict: dict, mss: dict) -> dict:
+    """The paper's Table 8 (retrieval recall@5 after ICT and after MSS pre-training), from the
+    ICT run's last dev evaluation and the MSS checkpoint's dev metrics (same questions)."""
+    for name, m in (("ICT", ict), ("MSS", mss)):
+        if "top5" not in m:
+            fail(f"the {name} dev metrics have no top5 (evaluate with k >= 5)")
+    out = {"ict_top5": ict["top5"], "mss_top5": mss["top5"], "questions": mss.get("questions")}
+    if ict.get("questions") != mss.get("questions"):  # e.g. an ICT run evaluated with --eval-max-questions
+        out["ict_questions"] = ict.get("questions")
+    return out
+
+
+def table8_line(t8: dict) -> str:
+    n = f", {t8['questions']} questions" if t8.get("questions") is not None else ""
+    note = (f" (ICT on {t8['ict_questions']} questions: not the same set)" if "ict_questions" in t8 else "")
+    return (f"Table 8 (retrieval recall@5 on dev{n}): after ICT {t8['ict_top5']:.3f} | "
+            f"after MSS {t8['mss_top5']:.3f}{note}")
+
+
 def format_table(stages: dict[str, dict]) -> str:
     lines = [f"{'stage':<8}" + "".join(f"{c:>18}" for c in ("questions",) + COLUMNS)]
     for name, m in stages.items():
@@ -76,12 +101,20 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="stage_table", description=__doc__.split("\n")[0])
     parser.add_argument("--run", required=True, help="the quickstart's run directory")
     parser.add_argument("--seconds", type=int, default=None, help="the run's wall time, recorded")
+    parser.add_argument("--table8-only", action="store_true",
+                        help="print only the Table 8 line (needs ict/metrics.jsonl and the MSS dev metrics)")
+    parser.add_argument("--mss-metrics", default=None, help="the MSS checkpoint's dev metrics (default RUN/mss.dev.json)")
     args = parser.parse_args(argv)
     if not os.path.isdir(args.run):
         fail(f"--run {args.run}: no such directory")
+    if args.table8_only:
+        ict = last_eval(os.path.join(args.run, "ict", "metrics.jsonl"))
+        print(table8_line(table8(ict, _read_json(args.mss_metrics or os.path.join(args.run, "mss.dev.json")))))
+        return
     stages = stage_metrics(args.run)
     final = dict(stages[STAGES[-1]])
     final["stages"] = stages
+    final["table8"] = table8(stages["ict"], stages["mss"])
     if args.seconds is not None:
         final["run_seconds"] = args.seconds
     path = os.path.join(args.run, "final_metrics.json")
@@ -95,6 +128,7 @@ def main(argv=None) -> None:
     print(f"\nnq-mini dev ({questions} questions), every stage's checkpoint "
           f"(reading accuracy: EM where the answer is in the reader's passages)")
     print(format_table(stages))
+    print(table8_line(final["table8"]))
     if args.seconds is not None:
         print(f"run time {args.seconds // 60} min {args.seconds % 60} s")
     print(f"checkpoints: {args.run}/{{ict,mss,emdr2}}   plots: {args.run}/plots   "

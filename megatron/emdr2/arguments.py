@@ -14,6 +14,9 @@ from typing import Iterable, Optional, Sequence
 
 from megatron.emdr2.config import (
     PRECISIONS,
+    RECOMPUTE_GRANULARITIES,
+    RECOMPUTE_METHODS,
+    RECOMPUTE_MODULES,
     BatchConfig,
     CheckpointConfig,
     ConfigError,
@@ -35,7 +38,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def fail(message: str, prog: Optional[str] = None) -> "NoReturn":  # type: ignore[name-defined]
-    prog = prog or os.path.basename(sys.argv[0])
+    prog = prog or os.path.splitext(os.path.basename(sys.argv[0]))[0]  # "emdr2" for python -m tasks.openqa.emdr2
     sys.stderr.write(f"{prog}: error: {message}\n")
     raise SystemExit(2)
 
@@ -64,7 +67,57 @@ def model_size_from_args(args: argparse.Namespace, prefix: str) -> ModelSize:
         seq_length=getattr(args, f"{a}seq_length"),
         hidden_dropout=getattr(args, f"{a}hidden_dropout"),
         attention_dropout=getattr(args, f"{a}attention_dropout"),
+        **recompute_from_args(args, prefix),
     )
+
+
+def add_recompute_args(parser: argparse.ArgumentParser) -> None:
+    """Megatron-LM's activation-recompute flags (every training task; see ``config.recompute_flags``)."""
+    g = parser.add_argument_group("activation recompute (trade compute for activation memory)")
+    g.add_argument("--recompute-activations", action="store_true",
+                   help="selective recompute of the attention core (= --recompute-granularity selective): "
+                        "the [B, heads, S, S] scores and probabilities are recomputed in backward")
+    g.add_argument("--recompute-granularity", default=None, choices=RECOMPUTE_GRANULARITIES,
+                   help="full: keep only each chunk's input and recompute whole layers in backward "
+                        "(needs --recompute-method); selective: recompute --recompute-modules only")
+    g.add_argument("--recompute-method", default=None, choices=RECOMPUTE_METHODS,
+                   help="with full: uniform (checkpoint chunks of --recompute-num-layers layers) or "
+                        "block (recompute only the first --recompute-num-layers layers of each stack)")
+    g.add_argument("--recompute-num-layers", type=int, default=None,
+                   help="with full: layers per chunk (uniform; must divide each stack's depth) or "
+                        "layers recomputed (block); default 1")
+    g.add_argument("--recompute-modules", nargs="+", default=None, choices=RECOMPUTE_MODULES,
+                   help="with selective: which parts of each layer to recompute (default core_attn)")
+    g.add_argument("--checkpoint-activations", action="store_true",
+                   help="the original EMDR²/Megatron flag: full recompute of every layer "
+                        "(= --recompute-granularity full --recompute-method uniform --recompute-num-layers 1)")
+
+
+def recompute_from_args(args: argparse.Namespace, prefix: str) -> dict:
+    """ModelSize's recompute fields for model ``prefix`` (e.g. "reader"): the --recompute-* flags,
+    unless --recompute-models leaves the model out. Contradicting flags raise ConfigError."""
+    granularity = getattr(args, "recompute_granularity", None)
+    method = getattr(args, "recompute_method", None)
+    num_layers = getattr(args, "recompute_num_layers", None)
+    modules = getattr(args, "recompute_modules", None)
+    if getattr(args, "recompute_activations", False):
+        if granularity == "full":
+            raise ConfigError("--recompute-activations (selective recompute) contradicts "
+                              "--recompute-granularity full; give one of them")
+        granularity = "selective"
+    if getattr(args, "checkpoint_activations", False):
+        if granularity == "selective":
+            raise ConfigError("--checkpoint-activations (full recompute) contradicts --recompute-activations / "
+                              "--recompute-granularity selective; give one of them")
+        granularity, method = "full", method or "uniform"
+    only = getattr(args, "recompute_models", None)
+    if only is not None:
+        if granularity is None:
+            raise ConfigError("--recompute-models needs --recompute-activations or --recompute-granularity")
+        if prefix not in only:
+            return {}
+    return dict(recompute_granularity=granularity, recompute_method=method, recompute_num_layers=num_layers,
+                recompute_modules=list(modules) if modules else None)
 
 
 def add_autocast_arg(group, default: str = "none") -> None:
@@ -144,6 +197,8 @@ def add_training_args(parser: argparse.ArgumentParser, defaults: Optional[Traini
     g.add_argument("--eval-interval", type=int, default=d.logging.eval_interval)
     g.add_argument("--no-progress-bar", dest="progress_bar", action="store_false")
 
+    add_recompute_args(parser)
+
 
 def training_config_from_args(args: argparse.Namespace) -> TrainingConfig:
     warmup_fraction = args.lr_warmup_fraction
@@ -196,6 +251,10 @@ def validate(cfg: TrainingConfig, world_size: int, models: Sequence[ModelSize] =
         if m.hidden_size % m.num_attention_heads != 0:
             raise ConfigError(f"hidden size {m.hidden_size} is not a multiple of the number of "
                               f"attention heads {m.num_attention_heads}")
+        try:
+            m.check_recompute()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     dp = world_size // (tp * pp)
     b = cfg.batch
     if b.micro_batch_size < 1 or b.global_batch_size < 1:
@@ -213,13 +272,15 @@ def validate(cfg: TrainingConfig, world_size: int, models: Sequence[ModelSize] =
         raise ConfigError("--lr and --min-lr must be >= 0")
     if cfg.checkpoint.keep_last is not None and cfg.checkpoint.keep_last < 1:
         raise ConfigError("--keep-last must be >= 1")
-    if cfg.parallel.use_distributed_optimizer and (cfg.checkpoint.save or cfg.checkpoint.load):
-        # Its Adam moments live in sharded buffers that state_dict() does not return: saving
-        # would silently drop them, so refuse rather than resume inexactly.
-        raise ConfigError("--use-distributed-optimizer cannot be checkpointed yet (--save/--load); "
-                          "train without it or without checkpoints")
+    if (cfg.parallel.use_distributed_optimizer and cfg.optimizer.optimizer != "adam"
+            and (cfg.checkpoint.save or (cfg.checkpoint.load and not cfg.checkpoint.finetune))):
+        # Its sharded state is saved in megatron-core's dp_zero format, which holds Adam's moments only.
+        raise ConfigError(f"--use-distributed-optimizer checkpoints (--save/--load) need --optimizer adam, "
+                          f"not {cfg.optimizer.optimizer}")
     if cfg.checkpoint.save_interval is not None and not cfg.checkpoint.save:
         raise ConfigError("--save-interval needs --save DIR")
+    if cfg.checkpoint.save and os.path.exists(cfg.checkpoint.save) and not os.path.isdir(cfg.checkpoint.save):
+        raise ConfigError(f"--save {cfg.checkpoint.save} is a file, not a checkpoint directory")
     for flag, value in (("--save-interval", cfg.checkpoint.save_interval),
                         ("--exit-interval", cfg.checkpoint.exit_interval),
                         ("--exit-duration-in-mins", cfg.checkpoint.exit_duration_mins)):
@@ -232,8 +293,13 @@ def validate(cfg: TrainingConfig, world_size: int, models: Sequence[ModelSize] =
         if not (cfg.checkpoint.save and os.path.abspath(cfg.checkpoint.load) == os.path.abspath(cfg.checkpoint.save)):
             raise ConfigError(f"--load {cfg.checkpoint.load}: no such directory")
     for flag, path in existing_paths:
-        if path is not None and not os.path.exists(path):
+        if path is not None and not path_exists(path):
             raise ConfigError(f"{flag} {path}: no such file or directory")
+
+
+def path_exists(path: str) -> bool:
+    """A file or directory, or a preprocessed evidence prefix (``P`` of ``P_meta.json``)."""
+    return os.path.exists(path) or os.path.exists(f"{path}_meta.json")
 
 
 def world_size_from_env() -> int:

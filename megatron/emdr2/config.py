@@ -7,7 +7,7 @@ and the caller hands the parts to whoever needs them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -16,6 +16,63 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 
 class ConfigError(ValueError):
     """A bad flag or combination of flags; its message is one line meant for the user."""
+
+
+RECOMPUTE_GRANULARITIES = ("full", "selective")
+RECOMPUTE_METHODS = ("uniform", "block")
+# megatron-core's selective-recompute modules that exist in a dense (non-MoE, non-MLA) layer.
+# Not "layernorm": megatron-core 0.16's CheckpointWithoutOutput takes its fp8 path whenever
+# TransformerEngine is absent (``self.fp8 = fp8 is not None``) and fails with a NameError.
+RECOMPUTE_MODULES = ("core_attn", "mlp")
+
+
+def recompute_flags(num_layers: int, granularity: Optional[str] = None, method: Optional[str] = None,
+                    recompute_num_layers: Optional[int] = None,
+                    modules: Optional[Sequence[str]] = None) -> dict:
+    """megatron-core's activation-recompute settings for one stack of ``num_layers`` layers.
+
+    granularity None: keep every activation (the default). "selective": recompute the
+    ``modules`` of every layer in backward (default ``("core_attn",)``: the attention scores and
+    probabilities, the largest activations at long sequences). "full": keep only the input of
+    each chunk of layers and recompute the chunk in backward; ``method`` "uniform" checkpoints
+    chunks of ``recompute_num_layers`` layers (it must divide ``num_layers``; a larger value
+    means one chunk of the whole stack), "block" recomputes the first ``recompute_num_layers``
+    layers only (more is all of them). Dropout masks are reproduced (megatron's RNG tracker),
+    so gradients equal those without recompute. Only training forward passes recompute; a
+    bad combination raises ValueError with a one-line message.
+    """
+    if granularity is None:
+        given = [flag for flag, value in (("--recompute-method", method), ("--recompute-num-layers",
+                 recompute_num_layers), ("--recompute-modules", modules or None)) if value is not None]
+        if given:
+            raise ValueError(f"{' and '.join(given)} need{'s' if len(given) == 1 else ''} "
+                             f"--recompute-granularity (or --recompute-activations)")
+        return {}
+    if granularity not in RECOMPUTE_GRANULARITIES:
+        raise ValueError(f"--recompute-granularity must be one of {', '.join(RECOMPUTE_GRANULARITIES)}, "
+                         f"got {granularity!r}")
+    if granularity == "selective":
+        if method is not None or recompute_num_layers is not None:
+            raise ValueError("--recompute-method and --recompute-num-layers apply to "
+                             "--recompute-granularity full only (selective recomputes every layer)")
+        modules = list(modules or ("core_attn",))
+        bad = sorted(set(modules) - set(RECOMPUTE_MODULES))
+        if bad:
+            raise ValueError(f"--recompute-modules {' '.join(bad)}: not one of {', '.join(RECOMPUTE_MODULES)}")
+        return dict(recompute_granularity="selective", recompute_modules=modules)
+    if modules:
+        raise ValueError("--recompute-modules applies to --recompute-granularity selective only")
+    if method not in RECOMPUTE_METHODS:
+        raise ValueError("--recompute-granularity full needs --recompute-method uniform or block")
+    if recompute_num_layers is None:
+        recompute_num_layers = 1
+    if recompute_num_layers < 1:
+        raise ValueError(f"--recompute-num-layers must be >= 1, got {recompute_num_layers}")
+    chunk = min(recompute_num_layers, num_layers)
+    if method == "uniform" and num_layers % chunk:
+        raise ValueError(f"--recompute-method uniform: --recompute-num-layers {recompute_num_layers} "
+                         f"does not divide a stack of {num_layers} layers")
+    return dict(recompute_granularity="full", recompute_method=method, recompute_num_layers=chunk)
 
 
 @dataclass
@@ -36,10 +93,28 @@ class ModelSize:
     decoder_num_layers: Optional[int] = None  # the reader's decoder depth (default num_layers)
     copy_head: bool = False  # the reader mixes in a copy distribution (models/copy_head.py)
     copy_continuation: bool = False  # ... with the span-continuation bias (models/copy_head.py)
+    # Activation recompute (``recompute_flags``; off by default): applied to every stack of
+    # this model, in training forward passes only.
+    recompute_granularity: Optional[str] = None  # full | selective
+    recompute_method: Optional[str] = None  # uniform | block (full only)
+    recompute_num_layers: Optional[int] = None  # full only (default 1)
+    recompute_modules: Optional[list] = None  # selective only (default ["core_attn"])
 
     @property
     def ffn_size(self) -> int:
         return self.ffn_hidden_size or 4 * self.hidden_size
+
+    @property
+    def recompute(self) -> dict:
+        """The recompute settings as keyword arguments of ``models.config.transformer_config``."""
+        return dict(recompute_granularity=self.recompute_granularity, recompute_method=self.recompute_method,
+                    recompute_num_layers=self.recompute_num_layers, recompute_modules=self.recompute_modules)
+
+    def check_recompute(self) -> None:
+        """ValueError (one line) if the recompute settings do not fit this model's stacks."""
+        for layers in dict.fromkeys((self.num_layers, self.decoder_num_layers or self.num_layers)):
+            recompute_flags(layers, self.recompute_granularity, self.recompute_method,
+                            self.recompute_num_layers, self.recompute_modules)
 
 
 @dataclass

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import sys
 
 import torch
@@ -170,7 +171,11 @@ def apply() -> bool:
         module = importlib.import_module(module_name)
         owner = getattr(module, class_name) if class_name else module
         if hasattr(owner, method):
-            setattr(owner, method, _with_cuda_type_names(getattr(owner, method)))
+            static = inspect.getattr_static(owner, method)
+            if isinstance(static, classmethod):  # e.g. DistributedOptimizer's group builder
+                setattr(owner, method, classmethod(_with_cuda_type_names(static.__func__)))
+            else:
+                setattr(owner, method, _with_cuda_type_names(getattr(owner, method)))
     # Modules that imported clip_grad_by_total_norm_fp32 by name keep the unpatched one.
     from megatron.core.optimizer import clip_grads, optimizer as moptimizer
 

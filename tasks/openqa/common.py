@@ -9,7 +9,7 @@ import sys
 
 from megatron.emdr2.arguments import add_model_size_args, fail, model_size_from_args
 from megatron.emdr2.config import ModelSize, TrainingConfig
-from megatron.emdr2.objectives import MARGINALISATIONS, RETRIEVER_OBJECTIVES, ObjectiveConfig
+from megatron.emdr2.objectives import MARGINALISATIONS, READER_MODES, RETRIEVER_OBJECTIVES, ObjectiveConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 NQ_MINI = os.path.join(REPO, "data", "nq-mini")
@@ -65,7 +65,18 @@ def add_openqa_args(parser: argparse.ArgumentParser, retriever: ModelSize = RETR
                         "KL(softmax_k of the per-token-mean answer log-likelihood ‖ p(z|q))); "
                         "kl-posterior (KL(posterior ‖ p(z|q)): the same gradient as emdr2 with "
                         "--marginalisation sequence, only the logged loss differs); pdist (Atlas); "
-                        "none (frozen-retriever FiD)")
+                        "hard-em (towards the passage of highest answer likelihood, Min et al. 2019); "
+                        "none (frozen-retriever FiD). With --reader-mode individual-topk/joint-topk: "
+                        "emdr2 (the mode's own loss) or none only. See docs/objectives.md")
+    g.add_argument("--hard-em-after-steps", type=int, default=0, metavar="N",
+                   help="with --retriever-objective hard-em: train with emdr2 (MML) for the first N "
+                        "optimizer steps, hard EM after (0: hard EM from the start)")
+    g.add_argument("--reader-mode", default="fid", choices=READER_MODES,
+                   help="fid (default: Fusion-in-Decoder over the K passages + the retriever "
+                        "objective); individual-topk (the reader reads each passage alone, loss "
+                        "-log Σ_k p(a|q,z_k) p(z_k|q) into reader and retriever); joint-topk (FiD "
+                        "with log p(z_k|q) added to the decoder's cross-attention logits; the "
+                        "retriever learns through the reader only). Sachan et al., ACL 2021")
     g.add_argument("--marginalisation", default="sequence", choices=MARGINALISATIONS,
                    help="EMDR² marginal over whole answers (paper) or per token (original code)")
     g.add_argument("--retriever-weight", type=float, default=1.0)
@@ -97,6 +108,45 @@ def add_openqa_args(parser: argparse.ArgumentParser, retriever: ModelSize = RETR
     g.add_argument("--allow-index-mismatch", action="store_true",
                    help="search an existing index even if its manifest says another context tower "
                         "embedded it (default: refuse; see docs/evaluation.md)")
+    if "--recompute-granularity" in parser._option_string_actions:  # training tasks (add_training_args)
+        parser.add_argument("--recompute-models", nargs="+", default=None, choices=("retriever", "reader"),
+                            help="the models the --recompute-* settings apply to (default: both; the "
+                                 "reader over K passages x --reader-max-len tokens holds most activations)")
+
+
+READER_CONTEXT_DEFAULTS = {"reader_context": "passage", "reader_format": "prompt"}
+
+
+def add_reader_input_args(parser: argparse.ArgumentParser) -> None:
+    """--reader-context / --reader-format (EMDR² training, evaluate, answer). Unset, they are
+    taken from the reader's checkpoint meta (--reader-load when training, --load when
+    evaluating: a run's, or "neighbours"/"original" for a converted original checkpoint), else
+    passage / prompt."""
+    g = parser.add_argument_group("reader input")
+    g.add_argument("--reader-context", default=None, choices=("passage", "neighbours"),  # neighbours.READER_CONTEXTS
+                   help="what the reader reads of each retrieved passage: passage (default: the "
+                        "passage alone) or neighbours (the original EMDR²'s: the passage extended "
+                        "with the passages before/after it in its article, up to --reader-max-len "
+                        "tokens; see docs/original_fidelity.md)")
+    g.add_argument("--reader-format", default=None, choices=("prompt", "original"),  # inputs.READER_LAYOUTS
+                   help="reader row layout: prompt (default: 'question: q title: t context: c') or "
+                        "original (the original's [CLS] q [SEP] title [SEP] context [SEP], what its "
+                        "released readers were trained on)")
+
+
+def reader_input_choice(args) -> dict:
+    """{"reader_context", "reader_format"}: the flags where given, else the meta of the reader's
+    starting checkpoint (--reader-load), else the defaults. Tasks without the flags (MSS) always
+    read passages in the prompt layout."""
+    if not hasattr(args, "reader_context"):
+        return dict(READER_CONTEXT_DEFAULTS)
+    meta = {}
+    load = getattr(args, "reader_load", None)
+    if any(getattr(args, k, None) is None for k in READER_CONTEXT_DEFAULTS) and load and os.path.isdir(load):
+        from megatron.emdr2.openqa import builders
+
+        meta = builders.load_checkpoint_meta(load)
+    return {k: getattr(args, k, None) or meta.get(k) or d for k, d in READER_CONTEXT_DEFAULTS.items()}
 
 
 def training_world(args, world: int) -> int:
@@ -105,7 +155,11 @@ def training_world(args, world: int) -> int:
 
 
 def model_sizes(args) -> list[ModelSize]:
-    return [model_size_from_args(args, "retriever"), model_size_from_args(args, "reader")]
+    import dataclasses
+
+    reader = dataclasses.replace(model_size_from_args(args, "reader"),
+                                 decoder_num_layers=getattr(args, "reader_decoder_num_layers", None))
+    return [model_size_from_args(args, "retriever"), reader]
 
 
 BERT_EPSILON = 1e-12
@@ -178,6 +232,13 @@ def check_decoding_args(args, prog: str) -> None:
         fail("--num-beams must be >= 1", prog)
     if args.no_repeat_ngram_size is not None and args.no_repeat_ngram_size < 0:
         fail("--no-repeat-ngram-size must be >= 0 (0: off)", prog)
+    for flag in ("eval_batch_size", "embed_batch_size", "eval_max_questions"):
+        value = getattr(args, flag, None)
+        if value is not None and value < 1:
+            fail(f"--{flag.replace('_', '-')} must be >= 1, got {value}", prog)
+    metrics_out = getattr(args, "metrics_out", None)
+    if metrics_out and os.path.isdir(metrics_out):
+        fail(f"--metrics-out {metrics_out} is a directory (it names the JSON file to write)", prog)
 
 
 def check_openqa_args(args, cfg: TrainingConfig, prog: str) -> None:
@@ -186,6 +247,10 @@ def check_openqa_args(args, cfg: TrainingConfig, prog: str) -> None:
     if args.keep_index_versions < 0:
         fail("--keep-index-versions must be >= 0 (0: keep every version)", prog)
     check_decoding_args(args, prog)
+    try:
+        objective_config(args)
+    except ValueError as e:
+        fail(str(e), prog)
     for flag, value in (("--retriever-lr-mult", args.retriever_lr_mult),
                         ("--reader-encoder-lr-mult", args.reader_encoder_lr_mult)):
         if value <= 0:
@@ -204,6 +269,14 @@ def check_openqa_args(args, cfg: TrainingConfig, prog: str) -> None:
              "use data parallelism for the EMDR² tasks", prog)
 
 
+def objective_config(args) -> ObjectiveConfig:
+    """The training objective of the flags; ValueError (one line) for an unsupported combination
+    (``ObjectiveConfig.problem``)."""
+    return ObjectiveConfig(args.retriever_objective, args.marginalisation, args.pdist_temperature,
+                           args.retriever_weight, reader_mode=getattr(args, "reader_mode", None) or "fid",
+                           hard_em_after_steps=getattr(args, "hard_em_after_steps", 0) or 0)
+
+
 def qa_config(args):
     from megatron.emdr2.openqa.emdr2_task import OpenQAConfig
 
@@ -211,8 +284,7 @@ def qa_config(args):
     return OpenQAConfig(
         retriever=sizes["retriever"], reader=sizes["reader"],
         top_k=args.top_k,
-        objective=ObjectiveConfig(args.retriever_objective, args.marginalisation, args.pdist_temperature,
-                                  args.retriever_weight),
+        objective=objective_config(args),
         # The frozen-retriever FiD baseline ("none") trains the reader only.
         shared_towers=args.shared_towers,
         freeze_query_tower=args.freeze_query_tower or args.retriever_objective == "none",
@@ -230,7 +302,8 @@ def qa_config(args):
         predictions_file=args.predictions_file,
         train_answer=getattr(args, "train_answer", "first"),
         eval_top_k=tuple(dict.fromkeys(getattr(args, "eval_top_k_list", None) or (1, 5, 20))),
-        allow_index_mismatch=getattr(args, "allow_index_mismatch", False))
+        allow_index_mismatch=getattr(args, "allow_index_mismatch", False),
+        **reader_input_choice(args))
 
 
 def refresh_config(args):
@@ -322,8 +395,10 @@ def add_inference_args(parser: argparse.ArgumentParser) -> None:
 
     add_openqa_args(parser)  # sizes default to base; a checkpoint's recorded sizes override them
     # Unset: as the checkpoint's run read and decoded (its top-k, n-gram ban and beams), so a
-    # plain `evaluate --load RUN` measures what the run measured; else 50 / 0 / 1.
-    parser.set_defaults(top_k=None, no_repeat_ngram_size=None, num_beams=None)
+    # plain `evaluate --load RUN` measures what the run measured (its --reader-mode too); else
+    # 50 / 0 / 1 / fid.
+    parser.set_defaults(top_k=None, no_repeat_ngram_size=None, num_beams=None, reader_mode=None)
+    add_reader_input_args(parser)
     parser.add_argument("--load", required=True,
                         help="EMDR²/MSS checkpoint directory (its best iteration, else latest)")
     parser.add_argument("--rebuild-index", action="store_true",
@@ -367,8 +442,9 @@ def load_for_inference(args):
         for key in ("query_max_len", "context_max_len", "reader_max_len", "answer_max_len"):
             if key in meta:  # inputs shaped as in training
                 setattr(args, key, meta[key])
-    for key, fallback in (("top_k", 50), ("no_repeat_ngram_size", 0), ("num_beams", 1)):
-        if getattr(args, key, None) is None:  # not given: as the run did
+    for key, fallback in (("top_k", 50), ("no_repeat_ngram_size", 0), ("num_beams", 1), ("reader_mode", "fid"),
+                          *READER_CONTEXT_DEFAULTS.items()):
+        if getattr(args, key, None) is None:  # not given: as the run did (or the original, converted)
             setattr(args, key, meta.get(key, fallback))
     args.retriever_load = args.reader_load = args.load
     cfg = TrainingConfig(seed=args.seed, precision=PrecisionConfig(args.precision))

@@ -29,6 +29,7 @@ def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="emdr2", description="EMDR² end-to-end reader-retriever training")
     add_training_args(parser, DEFAULTS)
     common.add_openqa_args(parser)
+    common.add_reader_input_args(parser)
     parser.add_argument("--train-data", default=os.path.join(common.NQ_MINI, "train.tsv"),
                         help="QA training file (tsv, jsonl, DPR/FiD json, WebQuestions, TriviaQA)")
     parser.add_argument("--train-answer", default="first", choices=("first", "random"),  # emdr2_task.TRAIN_ANSWERS

@@ -36,12 +36,13 @@ def build_parser() -> ArgumentParser:
 
 
 def main(argv=None):
+    from megatron.emdr2.arguments import path_exists
     from megatron.emdr2.config import ConfigError
     from megatron.emdr2.openqa.evaluation import expand_qa_files
 
     args = build_parser().parse_args(argv)
     for flag, path in [("--load", args.load), ("--evidence", args.evidence)]:
-        if not os.path.exists(path):
+        if not path_exists(path):
             fail(f"{flag} {path}: no such file or directory", "evaluate")
     try:
         files = expand_qa_files(args.qa_file or [os.path.join(common.NQ_MINI, "dev.tsv")], "--qa-file")

@@ -13,10 +13,14 @@ See examples/mss_pretrain.sh for the paper's settings.
 
 from __future__ import annotations
 
+import logging
+
 from megatron.emdr2.arguments import ArgumentParser, add_training_args, fail
 from megatron.emdr2.config import TrainingConfig
 from megatron.emdr2.training import launch
 from tasks.openqa import common
+
+logger = logging.getLogger(__name__)
 
 # Appendix C.1 of the paper: retriever from ICT, reader from T5, 82k steps, batch 64, Adam lr 2e-5,
 # 5% warm-up, linear decay, weight decay 0.1, clip 1.0.
@@ -61,15 +65,22 @@ def check_mss_args(args, parser) -> None:
         fail("--mss-dev-sentences must be >= 1 (or give --mss-dev-data)", parser.prog)
 
 
-def mss_datasets(args, seed: int):
-    """(training dataset, held-out examples) from the flags."""
-    from megatron.emdr2.data.mss import MSSDataset, SentenceFile, entity_passage_counts, split_tail
+def mss_datasets(args, seed: int, evidence=None):
+    """(training dataset, held-out examples) from the flags; every sentence record (and, given
+    the evidence, its doc_id) is checked first."""
+    from megatron.emdr2.data.mss import (MSSDataset, SentenceFile, check_sentences, entity_passage_counts,
+                                         split_tail)
     from megatron.emdr2.openqa.mss_task import masked_dev_examples
 
     types = [t.strip() for t in args.mss_entity_types.split(",") if t.strip()] if args.mss_entity_types else None
     sentences = SentenceFile(args.mss_data)
+    files = [sentences] + ([SentenceFile(args.mss_dev_data)] if args.mss_dev_data else [])
+    for f in files:
+        if not check_sentences(f, evidence):
+            logger.info("%s: %d sentences, more than are checked at start-up: records are checked as drawn",
+                        f.path, len(f))
     if args.mss_dev_data:
-        train_rows, dev_file, dev_rows = None, SentenceFile(args.mss_dev_data), None
+        train_rows, dev_file, dev_rows = None, files[1], None
     else:
         try:
             train_rows, dev_rows = split_tail(sentences, args.mss_dev_sentences)
@@ -92,9 +103,9 @@ def make_task(args, cfg):
     from megatron.emdr2.openqa.mss_task import MSSTask
 
     rtok, tok = common.tokenizers(args)
-    train, dev = mss_datasets(args, cfg.seed)
-    return MSSTask(common.qa_config(args), cfg, train, dev, load_evidence(args.evidence), rtok, tok,
-                   common.refresh_config(args))
+    evidence = load_evidence(args.evidence)
+    train, dev = mss_datasets(args, cfg.seed, evidence)
+    return MSSTask(common.qa_config(args), cfg, train, dev, evidence, rtok, tok, common.refresh_config(args))
 
 
 def main(argv=None):

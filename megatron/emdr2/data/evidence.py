@@ -204,11 +204,26 @@ def read_evidence_tsv(path, quoting: str = "auto", on_error: str = "raise",
     log.report()
 
 
+class Passage(tuple):
+    """A (title, text) pair that also knows its evidence row (``.row``): what
+    `Evidence.passages` returns, so that the reader can look up the passage's neighbours
+    (``--reader-context neighbours``). Equal to, and unpacked like, the plain tuple."""
+
+    def __new__(cls, title: str, text: str, row: int):
+        self = super().__new__(cls, (title, text))
+        self.row = int(row)
+        return self
+
+    def __getnewargs__(self):
+        return (self[0], self[1], self.row)
+
+
 class Evidence:
     """Passages addressed by row (0..N-1, file order) and by id (`ids[row]`)."""
 
     path: str
     ids: np.ndarray
+    _neighbours = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -219,8 +234,17 @@ class Evidence:
     def title(self, row: int) -> str:
         raise NotImplementedError
 
-    def passages(self, rows) -> list[tuple[str, str]]:
-        return [(self.title(int(r)), self.text(int(r))) for r in np.asarray(rows).reshape(-1)]
+    def passages(self, rows) -> list[Passage]:
+        return [Passage(self.title(int(r)), self.text(int(r)), int(r)) for r in np.asarray(rows).reshape(-1)]
+
+    def neighbour_map(self):
+        """The same-article windows of the original's reader (`neighbours.NeighbourMap`), built
+        on first use and kept (arrays only)."""
+        if self._neighbours is None:
+            from .neighbours import NeighbourMap
+
+            self._neighbours = NeighbourMap.build(self)
+        return self._neighbours
 
     def row_of(self, ids) -> np.ndarray:
         """Rows of the given passage ids (vectorised); unknown ids raise KeyError."""
@@ -236,7 +260,8 @@ class Evidence:
             bad = sorted_ids[pos] != q if len(self) else np.ones(q.shape, bool)
             rows = self._sorter[pos]
         if bad.any():
-            raise KeyError(f"{self.path}: passage id(s) not in the evidence: {q[bad][:10].tolist()}")
+            raise MissingPassageError(self.path, None, f"passage id(s) not in the evidence: {q[bad][:10].tolist()} "
+                                                       "(an index or file made from another evidence file?)")
         return rows
 
     def _init_lookup(self) -> None:
@@ -358,6 +383,13 @@ def is_mmap_prefix(path) -> bool:
     return indexed.exists(str(path) + TEXT_SUFFIX)
 
 
+class MissingPassageError(DataError, KeyError):
+    """Passage ids that the evidence does not have (a KeyError too, for lookups that expect one)."""
+
+    def __str__(self):  # KeyError would quote the message
+        return DataError.__str__(self)
+
+
 def load_evidence(path, tokenizer=None, quoting: str = "auto", on_error: str = "raise") -> Evidence:
     """A tsv(.gz) file -> InMemoryEvidence; a preprocessed prefix -> MmapEvidence.
 
@@ -372,6 +404,8 @@ def load_evidence(path, tokenizer=None, quoting: str = "auto", on_error: str = "
             prefix = prefix[: -len(suffix)]
     if is_mmap_prefix(prefix):
         return _nonempty(MmapEvidence(prefix, tokenizer), prefix + TEXT_SUFFIX + ".idx")
+    if os.path.isdir(p):
+        raise DataError(p, None, "is a directory, not an evidence file")
     raise DataError(p, None, "not an evidence file: neither a tsv nor the prefix of "
                              f"{Path(prefix).name}{TEXT_SUFFIX}.bin/.idx")
 

@@ -3,7 +3,10 @@
   retriever context  [CLS] title [SEP] text [SEP]           (256 tokens; the original's layout)
   retriever query    [CLS] question [SEP]                   (256 tokens)
   reader (FiD)       "question: q title: t context: c"      one row per passage, [K, S], S <= 512;
-                     BERT vocab: wrapped as [CLS] ... [SEP]; SentencePiece (T5): ends with </s>
+                     BERT vocab: wrapped as [CLS] ... [SEP]; SentencePiece (T5): ends with </s>;
+                     layout "original" (converted original checkpoints): [CLS] q [SEP] t [SEP] c [SEP];
+                     with --reader-context neighbours c is the passage extended with its
+                     article neighbours up to S tokens (data/neighbours.py)
   answers            answer tokens + [EOS] (the decoder's labels; 32 tokens); `decoder_inputs`
                      shifts them right behind [BOS] (T5: behind the pad token) for teacher forcing
 
@@ -15,12 +18,14 @@ longest row of the batch.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Optional
 
 import torch
 
 RETRIEVER_MAX_LEN = 256
 READER_MAX_LEN = 512
 ANSWER_MAX_LEN = 32
+READER_LAYOUTS = ("prompt", "original")
 
 
 def _require(tok, name: str) -> int:
@@ -88,13 +93,51 @@ def _reader_wrap(tok) -> tuple[list[int], list[int]]:
 
 
 def encode_reader_inputs(tok, question: str, passages: Sequence[tuple[str, str]],
-                         max_len: int = READER_MAX_LEN, pad_to: str = "max") -> tuple[torch.Tensor, torch.Tensor]:
-    """FiD encoder inputs for one question and its K (title, text) passages -> (ids, mask) [K, S]."""
-    head, tail = _reader_wrap(tok)
-    q_ids = tok.encode(f"question: {question}")  # tokenised once, shared by the K rows
-    bodies = tok.encode_batch([f"title: {t} context: {x}" for t, x in passages])
-    room = max_len - len(tail)
-    rows = [([*head, *q_ids, *b])[:room] + tail for b in bodies]
+                         max_len: int = READER_MAX_LEN, pad_to: str = "max", layout: str = "prompt",
+                         windows: Optional[Sequence[tuple[Sequence[Sequence[int]], int]]] = None,
+                         question_max_len: int = RETRIEVER_MAX_LEN) -> tuple[torch.Tensor, torch.Tensor]:
+    """FiD encoder inputs for one question and its K (title, text) passages -> (ids, mask) [K, S].
+
+    ``windows`` (``--reader-context neighbours``): per passage, the token ids of the passages of
+    its article window and the passage's index in it (`neighbours.neighbour_windows`); the
+    context is then the passage extended with its neighbours up to the row's length, as the
+    original's `query_extended_context_t5_format` (`neighbours.extend_context`). Without it the
+    passage alone. ``layout``:
+      prompt    "question: q title: t context: c" (see the module doc)
+      original  the original's rows: [CLS] q [SEP] t [SEP] c [SEP], q cut to question_max_len
+                with its [CLS]/[SEP] (the original's question ids are the retriever query's,
+                --seq-length-ret tokens); a row whose question and title fill it is cut to
+                max_len - 1 and ends with [SEP] (the original's single-passage rule)
+    """
+    from .neighbours import extend_context
+
+    if layout not in READER_LAYOUTS:
+        raise ValueError(f"reader layout must be one of {READER_LAYOUTS}, got {layout!r}")
+    if windows is not None and len(windows) != len(passages):
+        raise ValueError(f"{len(windows)} neighbour windows for {len(passages)} passages")
+    if layout == "prompt" and windows is None:
+        head, tail = _reader_wrap(tok)
+        q_ids = tok.encode(f"question: {question}")  # tokenised once, shared by the K rows
+        bodies = tok.encode_batch([f"title: {t} context: {x}" for t, x in passages])
+        room = max_len - len(tail)
+        rows = [([*head, *q_ids, *b])[:room] + tail for b in bodies]
+        return pad_rows(rows, tok.pad_id, max_len, pad_to)
+    if windows is None:
+        windows = [([x], 0) for x in tok.encode_batch([x for _, x in passages])]
+    if layout == "original":
+        cls, sep = _require(tok, "cls_id"), _require(tok, "sep_id")
+        q = [cls, *tok.encode(question)[: max(question_max_len - 2, 0)], sep]
+        prefixes = [[*q, *t, sep] for t in tok.encode_batch([t for t, _ in passages])]
+        tail = [sep]
+    else:
+        head, tail = _reader_wrap(tok)
+        q = [*head, *tok.encode(f"question: {question}")]
+        prefixes = [[*q, *t] for t in tok.encode_batch([f"title: {t} context:" for t, _ in passages])]
+    rows = []
+    for prefix, (window, main) in zip(prefixes, windows):
+        room = max_len - len(tail) - len(prefix)
+        body = prefix + extend_context(window, main, room) if room > 0 else prefix[: max_len - len(tail)]
+        rows.append(body + tail)
     return pad_rows(rows, tok.pad_id, max_len, pad_to)
 
 

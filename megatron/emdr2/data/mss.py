@@ -106,6 +106,35 @@ class SentenceFile:
         return parse_record(line, self.path, self.line_number(i))
 
 
+EAGER_CHECK_LIMIT = 2_000_000  # sentences: above this, records are checked as they are drawn
+
+
+def check_sentences(sentences: SentenceFile, evidence=None, limit: int = EAGER_CHECK_LIMIT) -> bool:
+    """Parse every record once before training, so a bad line is reported at start-up (with its
+    line number) rather than when the sampler first draws it, and (given the evidence) check
+    that every ``doc_id`` is a passage of it: sentences annotated on another evidence file
+    would otherwise train with the wrong passage excluded. A file longer than ``limit`` (the
+    20M-sentence release: minutes per rank) is left to the per-draw checks; returns whether the
+    whole file was checked."""
+    if len(sentences) > limit:
+        return False
+    doc_ids = np.fromiter((sentences.record(i).doc_id for i in range(len(sentences))), np.int64,
+                          count=len(sentences))
+    if evidence is not None:
+        unique, first = np.unique(doc_ids, return_index=True)
+        try:
+            evidence.row_of(unique)
+        except KeyError:
+            for doc_id, i in zip(unique.tolist(), first.tolist()):
+                try:
+                    evidence.row_of([doc_id])
+                except KeyError:
+                    raise DataError(sentences.path, sentences.line_number(i),
+                                    f"doc_id {doc_id} is not a passage id of the evidence {evidence.path} "
+                                    "(sentences annotated on another evidence file?)") from None
+    return True
+
+
 def split_tail(sentences: SentenceFile, n_dev: int) -> tuple[np.ndarray, np.ndarray]:
     """(train rows, held-out rows): the last ~n_dev sentences, moved to a passage boundary so no
     passage has sentences on both sides."""

@@ -113,6 +113,9 @@ def parse_record(line: str, path="<string>", line_no: int = 1) -> SentenceRecord
         if not 0 <= ent[2] < ent[3]:
             raise DataError(path, line_no, f"linguistic_ent[{k}] has offsets {ent[2]}..{ent[3]} "
                                            "(need 0 <= start < end)")
+        if ent[3] > len(text):
+            raise DataError(path, line_no, f"linguistic_ent[{k}] has offsets {ent[2]}..{ent[3]} beyond the "
+                                           f"sentence's {len(text)} characters")
         entities.append(Entity(ent[0], ent[1], ent[2], ent[3]))
     spans = []
     for k, p in enumerate(pos):

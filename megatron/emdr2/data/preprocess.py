@@ -62,6 +62,41 @@ def _flatten(seqs: list[list[int]], dtype) -> tuple[np.ndarray, np.ndarray]:
     return flat, lengths
 
 
+LONG_TEXT_CHARS = 100_000  # tokenised in whitespace-aligned pieces above this
+
+
+def _pieces(text: str, size: int) -> list[str]:
+    """``text`` cut before a whitespace character every ~``size`` characters (no cut inside a
+    word, so WordPiece and SentencePiece give the same ids piece by piece as for the whole)."""
+    out, start = [], 0
+    while len(text) - start > size:
+        cut = text.rfind(" ", start + 1, start + size)
+        if cut <= start:  # one word longer than size: cut at the next space (or keep it whole)
+            cut = text.find(" ", start + size)
+            if cut < 0:
+                break
+        out.append(text[start:cut])
+        start = cut
+    out.append(text[start:])
+    return out
+
+
+def encode_bounded(tokenizer, texts: list[str], long_chars: int = LONG_TEXT_CHARS) -> list[list[int]]:
+    """``tokenizer.encode_batch(texts)``, with any text longer than ``long_chars`` encoded in
+    pieces: a fast tokenizer's encoding of one 10 MB passage holds ~1.4 GB of offsets and
+    alignments; in pieces the peak stays bounded, with the same ids."""
+    if all(len(t) <= long_chars for t in texts):
+        return tokenizer.encode_batch(texts)
+    out = []
+    for t in texts:
+        if len(t) <= long_chars:
+            out.extend(tokenizer.encode_batch([t]))
+        else:
+            out.append([i for piece in _pieces(t, long_chars) for ids in tokenizer.encode_batch([piece])
+                        for i in ids])
+    return out
+
+
 def _encode_chunk(task):
     """Parse and tokenise one chunk of raw lines (runs in a worker)."""
     layout, first_line, lines, on_error, write_raw, dtype = task
@@ -79,8 +114,8 @@ def _encode_chunk(task):
         titles.append(title)
         texts.append(text)
     out = {"ids": np.array(ids, np.int64), "lines": np.array(line_numbers, np.int64), "errors": errors}
-    out["text"] = _flatten(_TOKENIZER.encode_batch(texts), dtype)
-    out["title"] = _flatten(_TOKENIZER.encode_batch(titles), dtype)
+    out["text"] = _flatten(encode_bounded(_TOKENIZER, texts), dtype)
+    out["title"] = _flatten(encode_bounded(_TOKENIZER, titles), dtype)
     if write_raw:
         pieces = [s.encode("utf-8") for pair in zip(titles, texts) for s in pair]
         lengths = np.fromiter((len(p) for p in pieces), dtype=np.int64, count=len(pieces))
@@ -235,6 +270,10 @@ def preprocess_evidence(input_path, output_prefix, tokenizer: TokenizerSpec | No
     write_raw=False), `_ids.npy` and `_meta.json`. workers=0 tokenises in this process.
     Returns statistics (rows, skipped, seconds, rows_per_s, peak RSS)."""
     check_on_error(on_error)
+    if os.path.isdir(input_path):
+        raise DataError(input_path, None, "is a directory, not an evidence file")
+    if not os.path.exists(input_path):
+        raise DataError(input_path, None, "no such file")
     spec = tokenizer or TokenizerSpec()
     tok = spec.build()
     dtype = indexed.token_dtype(tok.vocab_size)

@@ -264,7 +264,7 @@ def _iter_records(path, data, build):
 
 
 def _parse_record(path, rec, i: int, build) -> QAExample:
-    where = f"record {i}"
+    where = f"record {i + 1}"  # counted from 1, like line numbers
     if not isinstance(rec, dict):
         raise DataError(path, where, f"expected an object, found {type(rec).__name__}")
     return build(rec, where, i)
@@ -348,6 +348,8 @@ def load_qa(path, fmt: str | None = None, for_training: bool = False,
     path = str(path)
     if fmt is not None and fmt not in FORMATS:
         raise ValueError(f"fmt must be one of {FORMATS} or None, got {fmt!r}")
+    if os.path.isdir(path):
+        raise DataError(path, None, "is a directory, not a QA file")
     if not os.path.isfile(path):
         raise DataError(path, None, "file not found")
     text = _read_text(path)

@@ -69,6 +69,8 @@ def embed_evidence(encoder: Encoder, tokenize: Tokenize, evidence_ids: np.ndarra
 
         extra = {**(extra or {}), FINGERPRINT_KEY: fingerprint}
 
+    # An overwrite writes beside the published version and swaps in when complete.
+    write_dir = os.fspath(shard_store.staging_dir(out_dir)) if overwrite else out_dir
     error = None
     if rank == 0:
         try:
@@ -79,6 +81,72 @@ def embed_evidence(encoder: Encoder, tokenize: Tokenize, evidence_ids: np.ndarra
 
     if hasattr(encoder, "eval"):
         encoder.eval()
+    start = row_range(len(evidence_ids), rank, world)[0]
+    writer, error = None, None
+    try:
+        writer, done, t0 = _embed_my_rows(encoder, tokenize, evidence_ids, write_dir, out_dir, rank, world,
+                                          batch_size, device, compute_dtype, progress, log_interval_s)
+    except OSError as e:  # disk full, permission denied: every rank learns of it and stops
+        error = f"{write_dir}: could not write the index ({e})"
+    _raise_agreed(error, out_dir, world, group)
+
+    dim = writer.dim if writer is not None else 0
+    if world > 1:  # a rank with no rows still needs the dim for its (empty) shard
+        on = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
+        d = torch.tensor([dim], dtype=torch.long, device=on)
+        dist.all_reduce(d, op=dist.ReduceOp.MAX, group=group)
+        dim = int(d)
+    info = None
+    try:
+        if writer is None:
+            writer = shard_store.ShardWriter(write_dir, rank, world, 0, dim, start)
+        info = writer.close()
+    except OSError as e:
+        error = f"{write_dir}: could not write the index ({e})"
+    _raise_agreed(error, out_dir, world, group)
+    elapsed = time.perf_counter() - t0
+    logger.info("rank %d: embedded %d passages in %.1fs (%.1f passages/s)",
+                rank, done, elapsed, done / max(elapsed, 1e-9))
+
+    infos = [info]
+    if world > 1:
+        infos = [None] * world
+        dist.all_gather_object(infos, info, group=group)
+    error = None
+    if rank == 0:
+        try:
+            shard_store.publish(write_dir, infos, dim, model_step, extra, replace=out_dir if overwrite else None)
+        except (shard_store.IndexStoreError, OSError) as e:
+            error = f"{e}; {_published(out_dir)}"
+    _collective_check(error, group)
+    return shard_store.read_manifest(out_dir)
+
+
+def _raise_agreed(error, out_dir: str, world: int, group) -> None:
+    """Raise on every rank if any rank failed to write (instead of leaving the others waiting)."""
+    errors = [error]
+    if world > 1:
+        errors = [None] * world
+        dist.all_gather_object(errors, error, group=group)
+    error = next((e for e in errors if e), None)
+    if error:
+        raise shard_store.IndexStoreError(f"{error}; {_published(out_dir)}")
+
+
+def _published(out_dir: str) -> str:
+    """What is still published beside a failed build, for its error message."""
+    root = os.path.dirname(os.path.abspath(out_dir))
+    try:
+        latest = shard_store.read_latest(root)
+    except shard_store.IndexStoreError:
+        latest = None
+    return (f"the published version {os.path.join(root, latest)} is unchanged" if latest
+            else "no version was published")
+
+
+def _embed_my_rows(encoder, tokenize, evidence_ids, write_dir, out_dir, rank, world, batch_size, device,
+                   compute_dtype, progress, log_interval_s):
+    """Embed and write this rank's rows (no collective inside): (writer or None, rows, start time)."""
     start, end = row_range(len(evidence_ids), rank, world)
     writer, t0, last_log, done = None, time.perf_counter(), time.perf_counter(), 0
     bar = _progress_bar(end - start, enabled=progress and rank == 0)
@@ -92,7 +160,7 @@ def embed_evidence(encoder: Encoder, tokenize: Tokenize, evidence_ids: np.ndarra
             raise FloatingPointError(f"{out_dir}: non-finite (or fp16-overflowing) embeddings "
                                      f"for evidence rows [{a}, {b})")
         if writer is None:
-            writer = shard_store.ShardWriter(out_dir, rank, world, end - start, emb16.shape[1], start)
+            writer = shard_store.ShardWriter(write_dir, rank, world, end - start, emb16.shape[1], start)
         writer.write(a - start, emb16.cpu(), evidence_ids[a:b])
         done += b - a
         bar.update(b - a)
@@ -103,31 +171,7 @@ def embed_evidence(encoder: Encoder, tokenize: Tokenize, evidence_ids: np.ndarra
             last_log = now
     bar.close()
 
-    dim = writer.dim if writer is not None else 0
-    if world > 1:  # a rank with no rows still needs the dim for its (empty) shard
-        on = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
-        d = torch.tensor([dim], dtype=torch.long, device=on)
-        dist.all_reduce(d, op=dist.ReduceOp.MAX, group=group)
-        dim = int(d)
-    if writer is None:
-        writer = shard_store.ShardWriter(out_dir, rank, world, 0, dim, start)
-    info = writer.close()
-    elapsed = time.perf_counter() - t0
-    logger.info("rank %d: embedded %d passages in %.1fs (%.1f passages/s)",
-                rank, done, elapsed, done / max(elapsed, 1e-9))
-
-    infos = [info]
-    if world > 1:
-        infos = [None] * world
-        dist.all_gather_object(infos, info, group=group)
-    error = None
-    if rank == 0:
-        try:
-            shard_store.publish(out_dir, infos, dim, model_step, extra)
-        except (shard_store.IndexStoreError, OSError) as e:
-            error = str(e)
-    _collective_check(error, group)
-    return shard_store.read_manifest(out_dir)
+    return writer, done, t0
 
 
 def _progress_bar(total: int, enabled: bool):

@@ -51,11 +51,20 @@ class TiledSearcher:
     def dim(self) -> int:
         return self.vectors.shape[1]
 
+    @staticmethod
+    def buffer_shapes(num_rows: int, dim: int, num_queries: int, dtype: torch.dtype = torch.float16,
+                      tile_rows: int | None = None, device_type: str = "cpu") -> tuple[tuple, int]:
+        """(shape of the fp32 tile buffer, or () when the vectors are fp32 already; elements of the
+        fp32 score buffer) that a search of ``num_queries`` queries over [num_rows, dim] allocates.
+        ``_buffers`` allocates exactly these; ``sharded_index.memory_footprint`` counts them."""
+        tile = min(max(1, tile_rows or DEFAULT_TILE_ROWS.get(device_type, 16384)), max(num_rows, 1))
+        return ((tile, dim) if dtype != torch.float32 else ()), num_queries * tile
+
     def _buffers(self, num_queries: int) -> None:
-        tile = min(self.tile_rows, max(self.num_rows, 1))
-        if self.vectors.dtype != torch.float32 and self._tile is None:
-            self._tile = torch.empty(tile, self.dim, dtype=torch.float32, device=self.device)
-        need = num_queries * tile
+        tile_shape, need = self.buffer_shapes(self.num_rows, self.dim, num_queries, self.vectors.dtype,
+                                              self.tile_rows, self.device.type)
+        if tile_shape and self._tile is None:
+            self._tile = torch.empty(tile_shape, dtype=torch.float32, device=self.device)
         if self._scores is None or self._scores.numel() < need:
             self._scores = torch.empty(need, dtype=torch.float32, device=self.device)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -233,20 +234,40 @@ def _create_map(path: Path, dtype, shape) -> np.ndarray:
     return np.memmap(path, dtype=dtype, mode="w+", shape=shape)
 
 
+def staging_dir(directory: str | os.PathLike) -> Path:
+    """Where an ``overwrite`` rebuild of ``directory`` writes until it is complete."""
+    directory = Path(directory)
+    return directory.with_name(directory.name + ".staging")
+
+
 def begin_version(directory: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Prepare a version directory for writing; unpublishes an existing version if allowed."""
+    """Prepare the directory the shards are written to and return it. Without ``overwrite`` it
+    is the version directory itself (refused if a version is published there). With
+    ``overwrite`` it is an empty staging sibling (``staging_dir``): the published version stays
+    intact and loadable until ``publish(..., replace=directory)`` swaps the complete new one in,
+    so a crash mid-build never leaves ``LATEST`` naming a version without a manifest."""
     directory = Path(directory)
     manifest = directory / MANIFEST
+    if overwrite:
+        staging = staging_dir(directory)
+        shutil.rmtree(staging, ignore_errors=True)  # a crashed rebuild's leftovers
+        staging.mkdir(parents=True)
+        return staging
     if manifest.exists():
-        if not overwrite:
-            raise IndexStoreError(f"{manifest}: an index is already published here (pass overwrite)")
-        manifest.unlink()  # unpublish first: shards are about to change under it
-        _fsync_dir(directory)
-    if overwrite and directory.exists():  # old shards (maybe of another world size) would linger
-        for stale in directory.glob("shard-*"):
-            stale.unlink(missing_ok=True)
+        raise IndexStoreError(f"{manifest}: an index is already published here (pass overwrite)")
     directory.mkdir(parents=True, exist_ok=True)
     return directory
+
+
+def _swap_in(staging: Path, final: Path) -> None:
+    """Replace ``final`` by the complete ``staging`` directory: the old version is moved aside
+    (never deleted) before the new one takes its name, then removed."""
+    aside = final.with_name(f"{final.name}.old-{os.getpid()}")
+    if final.exists():
+        os.replace(final, aside)
+    os.replace(staging, final)
+    _fsync_dir(final.parent)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def read_shard_infos(directory: str | os.PathLike, num_shards: int) -> list[ShardInfo]:
@@ -261,8 +282,11 @@ def read_shard_infos(directory: str | os.PathLike, num_shards: int) -> list[Shar
 
 
 def publish(directory: str | os.PathLike, shards: list[ShardInfo], dim: int, model_step: int = 0,
-            extra: dict | None = None, update_latest: bool = True) -> Manifest:
-    """Write the manifest (atomically, last) after checking every shard file is complete."""
+            extra: dict | None = None, update_latest: bool = True,
+            replace: str | os.PathLike | None = None) -> Manifest:
+    """Write the manifest (atomically, last) after checking every shard file is complete.
+    ``replace``: the version directory an ``overwrite`` build (written in ``directory``, its
+    staging sibling) takes the place of, once complete."""
     directory = Path(directory)
     shards = sorted(shards, key=lambda s: s.shard)
     offset = 0
@@ -273,6 +297,9 @@ def publish(directory: str | os.PathLike, shards: list[ShardInfo], dim: int, mod
             _check_size(directory / name, s.rows * itemsize)
     m = Manifest(dim=dim, num_rows=offset, shards=shards, model_step=model_step, extra=extra or {})
     atomic_write_text(directory / MANIFEST, m.to_json())
+    if replace is not None:
+        _swap_in(directory, Path(replace))
+        directory = Path(replace)
     if update_latest:
         atomic_write_text(directory.parent / LATEST, directory.name + "\n")
     m.directory = directory
@@ -297,6 +324,15 @@ def resolve(path: str | os.PathLike) -> Path:
     partial = sorted(p.name for p in path.glob(f"*{PARTIAL}"))
     hint = f" (unfinished files: {', '.join(partial[:3])}: the build was interrupted)" if partial else ""
     raise IndexStoreError(f"{path / MANIFEST}: missing, the index is not published{hint}")
+
+
+def nothing_published(path: str | os.PathLike) -> bool:
+    """True where no index has been published at ``path`` (no directory, or neither a manifest
+    nor a ``LATEST`` pointer in it): the case in which a task embeds the evidence itself. A
+    pointer or manifest that is there but broken is an error for ``resolve`` to name, never a
+    reason to build over it."""
+    path = Path(path)
+    return not (path / MANIFEST).exists() and not (path / LATEST).exists()
 
 
 def read_manifest(path: str | os.PathLike) -> Manifest:
@@ -331,10 +367,60 @@ def open_shard(manifest: Manifest, shard: int, verify: bool = True) -> tuple[np.
     return emb, ids
 
 
+def storage_bytes(num_rows: int, dim: int, num_shards: int = 1, model_step: int = 0,
+                  extra: dict | None = None) -> dict:
+    """Bytes on disk of one index version of ``num_rows`` x ``dim`` written in ``num_shards``
+    shards (``write_index``, or ``embed_evidence`` with one shard per rank): per shard a raw
+    float16 ``.emb`` file and an int64 ``.ids`` file (exact, as ``publish`` checks them) and the
+    shard's ``.json`` record, plus the manifest. The records are sized by serialising the real
+    ``ShardInfo`` / ``Manifest`` with checksum-length placeholders: exact for the shard records;
+    the manifest's size also depends on its timestamp and ``extra`` (build_index stores the
+    retriever's description there), so it is good to a few bytes with the same ``extra``.
+
+    Returns {"emb_bytes", "ids_bytes", "shard_record_bytes", "manifest_bytes", "total_bytes"}."""
+    if num_rows < 0 or dim < 1 or num_shards < 1:
+        raise ValueError(f"need rows >= 0, dim >= 1, shards >= 1; got {num_rows}, {dim}, {num_shards}")
+    placeholder = "0" * 64  # a sha256 hex digest
+    infos = []
+    for s in range(num_shards):
+        a, b = num_rows * s // num_shards, num_rows * (s + 1) // num_shards
+        stem = shard_stem(s, num_shards)
+        infos.append(ShardInfo(shard=s, rows=b - a, row_offset=a, emb_file=f"{stem}.emb", ids_file=f"{stem}.ids",
+                               emb_sha256=placeholder, ids_sha256=placeholder))
+    records = sum(len(json.dumps(asdict(i)).encode()) for i in infos)
+    manifest = len(Manifest(dim=dim, num_rows=num_rows, shards=infos, model_step=model_step,
+                            extra=extra or {}).to_json().encode())
+    emb, ids = num_rows * dim * np.dtype(np.float16).itemsize, num_rows * np.dtype(np.int64).itemsize
+    return {"emb_bytes": emb, "ids_bytes": ids, "shard_record_bytes": records, "manifest_bytes": manifest,
+            "total_bytes": emb + ids + records + manifest}
+
+
+def measured_storage_bytes(path: str | os.PathLike) -> dict:
+    """The same fields as ``storage_bytes``, measured on a published index version (``path``: a
+    version directory, its root or its manifest), plus "shards", "rows" and "dim"."""
+    m = read_manifest(path)
+    d = m.directory
+
+    def size(name: str, required: bool = True) -> int:
+        try:
+            return (d / name).stat().st_size
+        except FileNotFoundError:
+            if required:
+                raise IndexStoreError(f"{d / name}: shard file missing") from None
+            return 0
+
+    emb = sum(size(s.emb_file) for s in m.shards)
+    ids = sum(size(s.ids_file) for s in m.shards)
+    records = sum(size(Path(s.emb_file).stem + ".json", required=False) for s in m.shards)
+    manifest = size(MANIFEST)
+    return {"rows": m.num_rows, "dim": m.dim, "shards": len(m.shards), "emb_bytes": emb, "ids_bytes": ids,
+            "shard_record_bytes": records, "manifest_bytes": manifest, "total_bytes": emb + ids + records + manifest}
+
+
 def write_index(directory: str | os.PathLike, embeddings, ids, num_shards: int = 1,
                 model_step: int = 0, extra: dict | None = None, overwrite: bool = False) -> Manifest:
     """Single-process convenience: split in-memory embeddings into shards and publish them."""
-    directory = begin_version(directory, overwrite)
+    final, directory = directory, begin_version(directory, overwrite)
     emb, ids = _as_numpy(embeddings), _as_numpy(ids)
     bounds = np.linspace(0, len(emb), num_shards + 1).astype(np.int64)
     infos = []
@@ -343,4 +429,4 @@ def write_index(directory: str | os.PathLike, embeddings, ids, num_shards: int =
         w = ShardWriter(directory, s, num_shards, b - a, emb.shape[1], row_offset=a)
         w.write(0, emb[a:b], ids[a:b])
         infos.append(w.close())
-    return publish(directory, infos, emb.shape[1], model_step, extra)
+    return publish(directory, infos, emb.shape[1], model_step, extra, replace=final if overwrite else None)

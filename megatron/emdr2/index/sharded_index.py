@@ -9,6 +9,7 @@ the index was written with, so an index built on 16 ranks loads on 4 (or on 1).
 
 from __future__ import annotations
 
+import mmap
 import os
 
 import numpy as np
@@ -19,6 +20,7 @@ from megatron.emdr2.index import shard_store
 from megatron.emdr2.index.search import TiledSearcher, merge_topk
 
 _COPY_ROWS = 1 << 16  # rows per host->device copy when loading (bounds temporary memory)
+VECTOR_DTYPE, ID_DTYPE = torch.float16, torch.long  # what a rank holds per row (see memory_footprint)
 
 
 def _world(group) -> tuple[int, int]:
@@ -101,8 +103,8 @@ class ShardedIndex:
             emb, ids = shard_store.open_shard(manifest, shard, verify)
             vectors, id_t = torch.from_numpy(emb[a:b]), torch.from_numpy(ids[a:b])
         else:
-            vectors = torch.empty(end - start, manifest.dim, dtype=torch.float16, device=device)
-            id_t = torch.empty(end - start, dtype=torch.long, device=device)
+            vectors = torch.empty(end - start, manifest.dim, dtype=VECTOR_DTYPE, device=device)
+            id_t = torch.empty(end - start, dtype=ID_DTYPE, device=device)
             at = 0
             for shard, a, b in pieces:
                 emb, ids = shard_store.open_shard(manifest, shard, verify)
@@ -110,6 +112,8 @@ class ShardedIndex:
                     d = min(b, c + _COPY_ROWS)
                     vectors[at + c - a:at + d - a].copy_(torch.from_numpy(emb[c:d]))
                     id_t[at + c - a:at + d - a].copy_(torch.from_numpy(ids[c:d]))
+                    _drop_pages(emb, c, d)
+                    _drop_pages(ids, c, d)
                 at += b - a
                 del emb, ids
         return cls(vectors, id_t, manifest.num_rows, group, tile_rows, manifest.model_step)
@@ -142,6 +146,59 @@ class ShardedIndex:
         all_s = torch.cat([s[mine] for s in _all_gather(cand_s, self.group)], dim=1)
         all_i = torch.cat([i[mine] for i in _all_gather(cand_i, self.group)], dim=1)
         return merge_topk(all_s, all_i, k_out)
+
+
+def memory_footprint(num_rows: int, dim: int, ranks: int = 1, queries: int = 0, device_type: str = "cuda",
+                     tile_rows: int | None = None) -> dict:
+    """Bytes an index of ``num_rows`` x ``dim`` occupies in memory when ``ranks`` ranks load it
+    (``ShardedIndex.load``): each rank holds its ``row_range`` slice as VECTOR_DTYPE vectors and
+    ID_DTYPE ids (``ShardedIndex.memory_bytes``), plus, once it has searched ``queries`` queries
+    at a time (the all-gathered batch), the reusable buffers of its ``TiledSearcher``
+    (``TiledSearcher.buffer_shapes``; tile size by ``device_type`` unless ``tile_rows``).
+
+    Returns {"rows", "dim", "ranks", "queries", "vector_bytes", "id_bytes", "total_bytes"
+    (vectors + ids over all ranks), "per_rank": [{"rows", "vector_bytes", "id_bytes",
+    "buffer_bytes", "bytes"}], "max_rank_bytes"}. Table 9 of the paper, in this code's layout
+    (docs/paper_tables.md, tools/index_memory.py)."""
+    if num_rows < 0 or dim < 1 or ranks < 1 or queries < 0:
+        raise ValueError(f"need rows >= 0, dim >= 1, ranks >= 1, queries >= 0; got {num_rows}, {dim}, "
+                         f"{ranks}, {queries}")
+    vec_item = torch.empty((), dtype=VECTOR_DTYPE).element_size()
+    id_item = torch.empty((), dtype=ID_DTYPE).element_size()
+    f32 = torch.empty((), dtype=torch.float32).element_size()
+    per_rank = []
+    for r in range(ranks):
+        start, end = row_range(num_rows, r, ranks)
+        n = end - start
+        buffers = 0
+        if queries:
+            tile_shape, score_elems = TiledSearcher.buffer_shapes(n, dim, queries, VECTOR_DTYPE, tile_rows, device_type)
+            buffers = (int(np.prod(tile_shape)) if tile_shape else 0) * f32 + score_elems * f32
+        entry = {"rows": n, "vector_bytes": n * dim * vec_item, "id_bytes": n * id_item, "buffer_bytes": buffers}
+        entry["bytes"] = entry["vector_bytes"] + entry["id_bytes"] + buffers
+        per_rank.append(entry)
+    return {"rows": num_rows, "dim": dim, "ranks": ranks, "queries": queries,
+            "vector_bytes": num_rows * dim * vec_item, "id_bytes": num_rows * id_item,
+            "total_bytes": num_rows * (dim * vec_item + id_item), "per_rank": per_rank,
+            "max_rank_bytes": max(e["bytes"] for e in per_rank)}
+
+
+def _drop_pages(arr, start: int, end: int) -> None:
+    """Unmap the pages of rows [start, end) of a memory-mapped shard once they are copied.
+
+    Touched pages of a mapping stay in the process's resident set until it is unmapped, so
+    without this a load peaks at twice its slice (the copy plus the whole mapped shard:
+    bench/bench_sharded_memory.py measured it). MADV_DONTNEED on this read-only private
+    (copy-on-write, never written) mapping only drops the page-table entries; the data stays
+    in the file and the page cache, and a later touch would fault it back in."""
+    mm = getattr(arr, "_mmap", None)  # np.memmap's mapping of the whole file (offset 0)
+    if mm is None or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    row_bytes = arr.itemsize * int(np.prod(arr.shape[1:], dtype=np.int64))
+    lo = start * row_bytes // mmap.PAGESIZE * mmap.PAGESIZE
+    hi = min(len(mm), -(-end * row_bytes // mmap.PAGESIZE) * mmap.PAGESIZE)
+    if hi > lo:
+        mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
 
 def _overlapping(manifest: shard_store.Manifest, start: int, end: int) -> list[tuple[int, int, int]]:

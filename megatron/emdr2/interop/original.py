@@ -665,7 +665,7 @@ def write_embeddings_index(embed_data: Dict[Any, np.ndarray], out_dir: str, num_
                                       f"non-finite embedding")
             writer.write(a - lo, block, ids[rows])
         infos.append(writer.close())
-    return shard_store.publish(directory, infos, dim, model_step, extra)
+    return shard_store.publish(directory, infos, dim, model_step, extra, replace=out_dir if overwrite else None)
 
 
 def save_original_embeddings(path: str, ids: Iterable, vectors: np.ndarray) -> None:

@@ -18,6 +18,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
 from megatron.emdr2.models.layers import bert_layer_spec
+from megatron.emdr2.models.recompute import checkpointable_input
 
 
 def padding_attention_mask(mask: Tensor) -> Tensor:
@@ -76,7 +77,7 @@ class BertTower(MegatronModule):
         positions = torch.arange(input_ids.size(1), device=input_ids.device).expand_as(input_ids)
         emb = self.embedding(input_ids=input_ids, position_ids=positions,
                              tokentype_ids=tokentype_ids if self.num_tokentypes > 0 else None)
-        hidden = self.encoder(hidden_states=emb,
+        hidden = self.encoder(hidden_states=checkpointable_input(emb, self.encoder),
                               attention_mask=padding_attention_mask(attention_mask))
         return hidden.transpose(0, 1)  # megatron is sequence-first inside
 

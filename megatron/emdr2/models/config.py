@@ -7,11 +7,13 @@ scaling, residual ordering) is set here, so a model and its checkpoint converter
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron.emdr2.config import recompute_flags
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 
@@ -56,6 +58,10 @@ def transformer_config(
     residual_post_layernorm: bool = False,
     use_cpu_initialization: bool = True,
     init_method_std: float = 0.02,
+    recompute_granularity: Optional[str] = None,
+    recompute_method: Optional[str] = None,
+    recompute_num_layers: Optional[int] = None,
+    recompute_modules: Optional[Sequence[str]] = None,
 ) -> TransformerConfig:
     """A local-spec (no TransformerEngine, no apex) megatron-core config.
 
@@ -74,6 +80,8 @@ def transformer_config(
             the layer norm), which is how Hugging Face's post-LN BERT maps onto our layers.
         use_cpu_initialization: initialise the full weight then shard it, so a model's weights
             do not depend on the tensor-parallel size (and CPU runs work at all).
+        recompute_granularity, recompute_method, recompute_num_layers, recompute_modules:
+            activation checkpointing (``recompute_flags``); off by default.
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
@@ -106,6 +114,8 @@ def transformer_config(
         gradient_accumulation_fusion=False,
         attention_softmax_in_fp32=True,
         **_dtype_flags(precision),
+        **recompute_flags(num_layers, recompute_granularity, recompute_method, recompute_num_layers,
+                          recompute_modules),
     )
 
 

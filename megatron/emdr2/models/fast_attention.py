@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from megatron.emdr2.models.relative_attention import RelativeBiasAttention
+from megatron.emdr2.models.relative_attention import RelativeBiasAttention, fold_additive_mask
 
 _MASKED = -10000.0  # megatron's masked-softmax fill value
 
@@ -33,8 +33,9 @@ class SdpaAttention(RelativeBiasAttention):
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
                 attn_mask_type=None, attention_bias: Optional[Tensor] = None, packed_seq_params=None):
-        """query [sq, b, np, hn], key/value [sk, b, ng, hn]; attention_mask True = masked,
-        broadcastable to [b, np, sq, sk]. Returns the context [sq, b, np * hn]."""
+        """query [sq, b, np, hn], key/value [sk, b, ng, hn]; attention_mask True = masked (or an
+        additive float bias, ``fold_additive_mask``), broadcastable to [b, np, sq, sk]. Returns
+        the context [sq, b, np * hn]."""
         if not self._fast_path_ok(query, packed_seq_params):
             return super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias,
                                    packed_seq_params)
@@ -43,6 +44,7 @@ class SdpaAttention(RelativeBiasAttention):
             key = key.repeat_interleave(groups, dim=2)
             value = value.repeat_interleave(groups, dim=2)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, np, s, hn]
+        attention_mask, attention_bias = fold_additive_mask(attention_mask, attention_bias)
         bias = None
         if attention_mask is not None:
             bias = torch.zeros(attention_mask.shape, dtype=q.dtype, device=q.device)

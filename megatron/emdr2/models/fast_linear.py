@@ -13,10 +13,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel.random import is_checkpointing
 
 
 def _fusable(layer, input_) -> bool:
-    return (not torch.is_grad_enabled() and layer.weight is not None
+    # Not in the no-autograd forward of an activation-recompute chunk: its backward recomputes
+    # the chunk with autograd (megatron's path), which must reproduce the forward bit for bit.
+    return (not torch.is_grad_enabled() and not is_checkpointing() and layer.weight is not None
             and layer.config.tensor_model_parallel_size == 1 and not layer.config.sequence_parallel
             and input_.dtype == layer.weight.dtype)
 
@@ -32,4 +35,12 @@ class FusedRowParallelLinear(RowParallelLinear):
     def forward(self, input_):
         if _fusable(self, input_):
             return F.linear(input_, self.weight, self.bias), None
-        return super().forward(input_)
+        output, bias = super().forward(input_)
+        if bias is not None and is_checkpointing():
+            # Inside an activation-recompute chunk the bias is added here, not returned: a
+            # Parameter returned out of megatron's checkpoint Function (the MLP's output bias
+            # under selective "mlp" recompute) gets the checkpoint as its grad_fn, stops being a
+            # leaf and sends backward into endless recursion (megatron-core 0.16). The caller's
+            # bias_dropout_add would compute the same ``x + bias``.
+            return output + bias, None
+        return output, bias

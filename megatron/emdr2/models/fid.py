@@ -7,6 +7,13 @@ FiD: B questions x K passages are encoded as B*K independent sequences ([questio
 the K encoder outputs of a question are concatenated to one memory of K*S states, and the decoder
 cross-attends over all of it, padding masked out.
 
+Retrieval-biased cross-attention (the joint top-k reader of Sachan et al., ACL 2021): every
+decoder call takes an optional ``memory_bias`` [N, M], added to the unnormalised cross-attention
+logits of every head in every decoder layer (``memory_attention_mask``); with log p(z_k|q) on
+passage k's positions (``passage_memory_bias``) the decoder attends to the passages in
+proportion to the retriever's belief, and the retriever gets the reader's gradient. The copy
+head's own attention over the memory is not biased.
+
 Per-passage likelihood (EMDR²'s retriever term): the same encoder states, viewed as B*K memories
 of S states each, and the decoder run once on B*K sequences in eval mode without autograd;
 only the log-probability of each gold token is kept.
@@ -25,6 +32,7 @@ from torch import Tensor
 
 from megatron.emdr2.models.bert_tower import padding_attention_mask
 from megatron.emdr2.models.layers import t5_decoder_layer_spec, t5_encoder_layer_spec
+from megatron.emdr2.models.recompute import checkpointable_input
 from megatron.emdr2.models.relative_attention import local_heads_bias
 
 IGNORE_INDEX = -100
@@ -164,32 +172,54 @@ class FiDReader(T5Model):
         B, K, S = input_ids.shape
         ids = input_ids.reshape(B * K, S)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.encoder_frozen):
-            hidden = self.encoder(hidden_states=self.embed(ids),
+            hidden = self.encoder(hidden_states=checkpointable_input(self.embed(ids), self.encoder),
                                   attention_mask=padding_attention_mask(mask.reshape(B * K, S)),
                                   attention_bias=self.relative_bias("encoder", S, S))
         states = hidden.transpose(0, 1).reshape(B, K * S, hidden.size(-1))
         return states, mask.reshape(B, K * S)
 
     # ---------------------------------------------------------------- decoder
+    @staticmethod
+    def memory_attention_mask(mask: Tensor, memory_bias: Optional[Tensor] = None) -> Tensor:
+        """The decoder's cross-attention mask over a memory ``mask`` [N, M]: megatron's boolean
+        padding mask, or with ``memory_bias`` [N, M] an additive float mask [N, 1, 1, M] (fp32):
+        memory_bias at real positions, -10000 (megatron's masked value) at padding. The attention
+        modules (``relative_attention.fold_additive_mask``) add it to every head's logits."""
+        padding = padding_attention_mask(mask)
+        if memory_bias is None:
+            return padding
+        if memory_bias.shape != mask.shape:
+            raise ValueError(f"memory_bias {tuple(memory_bias.shape)} must be shaped like the memory "
+                             f"mask {tuple(mask.shape)}")
+        return memory_bias.float()[:, None, None, :].masked_fill(padding, -10000.0)
+
+    @staticmethod
+    def passage_memory_bias(log_p_z: Tensor, passage_length: int) -> Tensor:
+        """Joint top-k's bias: log p(z_k|q) [B, K] on each of passage k's S positions -> [B, K*S]
+        (``encode``'s memory layout)."""
+        return log_p_z.repeat_interleave(passage_length, dim=1)
+
     def decoder_hidden(self, states: Tensor, mask: Tensor, decoder_input_ids: Tensor,
-                       decoder_mask: Optional[Tensor] = None) -> Tensor:
+                       decoder_mask: Optional[Tensor] = None, memory_bias: Optional[Tensor] = None) -> Tensor:
         """Teacher-forced decoder over a memory: states [N, M, H], mask [N, M],
-        decoder_input_ids [N, T] -> final hidden states [T, N, H] (after the final norm)."""
+        decoder_input_ids [N, T] -> final hidden states [T, N, H] (after the final norm).
+        memory_bias [N, M]: added to the cross-attention logits (``memory_attention_mask``)."""
         if states.size(0) != decoder_input_ids.size(0):
             raise ValueError(f"{states.size(0)} memories for {decoder_input_ids.size(0)} "
                              f"decoder sequences")
         T = decoder_input_ids.size(1)
         return self.decoder(
-            hidden_states=self.embed(decoder_input_ids),
+            hidden_states=checkpointable_input(self.embed(decoder_input_ids), self.decoder),
             attention_mask=causal_attention_mask(T, decoder_input_ids.device, decoder_mask),
             context=states.transpose(0, 1).contiguous(),
-            context_mask=padding_attention_mask(mask),
+            context_mask=self.memory_attention_mask(mask, memory_bias),
             attention_bias=self.relative_bias("decoder", T, T))
 
     def forward_from_states(self, states: Tensor, mask: Tensor, decoder_input_ids: Tensor,
-                            decoder_mask: Optional[Tensor] = None) -> Tensor:
+                            decoder_mask: Optional[Tensor] = None,
+                            memory_bias: Optional[Tensor] = None) -> Tensor:
         """Logits [B, T, V] (whole vocabulary) of the decoder over precomputed FiD states."""
-        hidden = self.decoder_hidden(states, mask, decoder_input_ids, decoder_mask)
+        hidden = self.decoder_hidden(states, mask, decoder_input_ids, decoder_mask, memory_bias)
         logits = self.gather_vocab(self.vocab_parallel_logits(hidden))
         return logits.transpose(0, 1).contiguous()
 
@@ -209,17 +239,18 @@ class FiDReader(T5Model):
         return memory_ids
 
     def token_nll(self, states: Tensor, mask: Tensor, decoder_input_ids: Tensor, labels: Tensor,
-                  label_mask: Optional[Tensor] = None, memory_ids: Optional[Tensor] = None) -> Tensor:
+                  label_mask: Optional[Tensor] = None, memory_ids: Optional[Tensor] = None,
+                  memory_bias: Optional[Tensor] = None) -> Tensor:
         """Teacher-forced cross-entropy per token [B, T] over the FiD memory (0 where masked).
 
         labels [B, T] (IGNORE_INDEX allowed where label_mask is None); computed with megatron's
         vocab-parallel cross-entropy, so no rank ever holds the whole vocabulary's logits.
         memory_ids [B, M]: the memory's token ids (``encode``'s input, flattened), needed with a
-        copy head.
+        copy head. memory_bias [B, M]: added to the cross-attention logits (joint top-k).
         """
         label_mask = _label_mask(labels, label_mask)
         memory_ids = self._memory_ids(memory_ids, mask)
-        hidden = self.decoder_hidden(states, mask, decoder_input_ids)
+        hidden = self.decoder_hidden(states, mask, decoder_input_ids, memory_bias=memory_bias)
         logits = self.vocab_parallel_logits(hidden).float()
         target = labels.masked_fill(~label_mask, 0).t().contiguous()
         nll = tensor_parallel.vocab_parallel_cross_entropy(logits, target)  # [T, B]
@@ -319,11 +350,13 @@ class FiDReader(T5Model):
     # ---------------------------------------------------------------- decoding
     def generate(self, input_ids: Tensor, mask: Tensor, max_length: int, num_beams: int = 1,
                  bos_id: int = 0, eos_id: int = 1, pad_id: Optional[int] = None,
-                 length_penalty: float = 1.0, no_repeat_ngram_size: int = 0) -> Tensor:
+                 length_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
+                 memory_bias: Optional[Tensor] = None) -> Tensor:
         """Greedy (num_beams=1) or beam search with a key/value cache; the FiD memory is
         encoded once. input_ids, mask [B, K, S] -> generated ids [B, <=max_length] (without
         the start token; after eos, pad_id, which defaults to bos_id as in T5). With
-        ``no_repeat_ngram_size`` n > 0, no n-gram occurs twice in an output."""
+        ``no_repeat_ngram_size`` n > 0, no n-gram occurs twice in an output. memory_bias
+        [B, K*S]: added to the cross-attention logits (joint top-k)."""
         from megatron.emdr2.models import generation
 
         pad_id = bos_id if pad_id is None else pad_id
@@ -335,7 +368,7 @@ class FiDReader(T5Model):
                 memory_ids = input_ids.reshape(memory_mask.shape) if self.copy_head is not None else None
                 return generation.generate(self, states, memory_mask, max_length, num_beams,
                                            bos_id, eos_id, pad_id, length_penalty, memory_ids,
-                                           no_repeat_ngram_size)
+                                           no_repeat_ngram_size, memory_bias=memory_bias)
         finally:
             self.train(was_training)
 

@@ -22,8 +22,6 @@ from megatron.core import tensor_parallel
 from megatron.core.transformer.enums import AttnMaskType
 from torch import Tensor
 
-from megatron.emdr2.models.bert_tower import padding_attention_mask
-
 
 def _add(residual: Tensor, out_with_bias) -> Tensor:
     out, bias = out_with_bias
@@ -36,9 +34,10 @@ class DecoderCache:
     """Per-layer attention keys/values of the N sequences being decoded (sequence-first)."""
 
     def __init__(self, reader, states: Tensor, mask: Tensor, max_length: int,
-                 memory_ids: Optional[Tensor] = None):
+                 memory_ids: Optional[Tensor] = None, memory_bias: Optional[Tensor] = None):
         memory = states.transpose(0, 1).contiguous()  # [M, N, H]
-        self.cross_mask = padding_attention_mask(mask)
+        # Boolean, or additive float with a memory_bias (the joint top-k reader's log p(z|q)).
+        self.cross_mask = reader.memory_attention_mask(mask, memory_bias)
         # The copy head's keys, mask and token ids of the memory (readers with a copy head).
         self.copy = None
         if reader.copy_head is not None:
@@ -150,9 +149,10 @@ def _ban(logp: Tensor, history: Tensor, no_repeat_ngram_size: int) -> Tensor:
 
 
 def greedy(reader, states: Tensor, mask: Tensor, max_length: int, bos_id: int, eos_id: int,
-           pad_id: int, memory_ids: Optional[Tensor] = None, no_repeat_ngram_size: int = 0) -> Tensor:
+           pad_id: int, memory_ids: Optional[Tensor] = None, no_repeat_ngram_size: int = 0,
+           memory_bias: Optional[Tensor] = None) -> Tensor:
     n = states.size(0)
-    cache = DecoderCache(reader, states, mask, max_length, memory_ids)
+    cache = DecoderCache(reader, states, mask, max_length, memory_ids, memory_bias)
     tokens = start = torch.full((n,), bos_id, dtype=torch.long, device=states.device)
     done = torch.zeros(n, dtype=torch.bool, device=states.device)
     out = []
@@ -172,7 +172,8 @@ def greedy(reader, states: Tensor, mask: Tensor, max_length: int, bos_id: int, e
 
 def beam_search(reader, states: Tensor, mask: Tensor, max_length: int, num_beams: int,
                 bos_id: int, eos_id: int, pad_id: int, length_penalty: float = 1.0,
-                memory_ids: Optional[Tensor] = None, no_repeat_ngram_size: int = 0) -> Tensor:
+                memory_ids: Optional[Tensor] = None, no_repeat_ngram_size: int = 0,
+                memory_bias: Optional[Tensor] = None) -> Tensor:
     """Beam search with Hugging Face's default semantics (``early_stopping=False``).
 
     Each step keeps the 2N best continuations of the N beams; among them, those ending in eos
@@ -184,7 +185,8 @@ def beam_search(reader, states: Tensor, mask: Tensor, max_length: int, num_beams
     dev = states.device
     NEG = -1.0e9
     cache = DecoderCache(reader, states.repeat_interleave(N, 0), mask.repeat_interleave(N, 0),
-                         max_length, None if memory_ids is None else memory_ids.repeat_interleave(N, 0))
+                         max_length, None if memory_ids is None else memory_ids.repeat_interleave(N, 0),
+                         None if memory_bias is None else memory_bias.repeat_interleave(N, 0))
     run_scores = torch.full((B, N), NEG, device=dev)
     run_scores[:, 0] = 0.0  # all beams start identical: expand only the first
     run_seqs = torch.full((B, N, max_length), pad_id, dtype=torch.long, device=dev)
@@ -241,7 +243,8 @@ def beam_search(reader, states: Tensor, mask: Tensor, max_length: int, num_beams
 
 def generate(reader, states: Tensor, mask: Tensor, max_length: int, num_beams: int,
              bos_id: int, eos_id: int, pad_id: int, length_penalty: float = 1.0,
-             memory_ids: Optional[Tensor] = None, no_repeat_ngram_size: int = 0) -> Tensor:
+             memory_ids: Optional[Tensor] = None, no_repeat_ngram_size: int = 0,
+             memory_bias: Optional[Tensor] = None) -> Tensor:
     if max_length < 1:
         raise ValueError(f"max_length must be >= 1, got {max_length}")
     if num_beams < 1:
@@ -250,6 +253,6 @@ def generate(reader, states: Tensor, mask: Tensor, max_length: int, num_beams: i
         raise ValueError(f"no_repeat_ngram_size must be >= 0, got {no_repeat_ngram_size}")
     if num_beams == 1:
         return greedy(reader, states, mask, max_length, bos_id, eos_id, pad_id, memory_ids,
-                      no_repeat_ngram_size)
+                      no_repeat_ngram_size, memory_bias)
     return beam_search(reader, states, mask, max_length, num_beams, bos_id, eos_id, pad_id,
-                       length_penalty, memory_ids, no_repeat_ngram_size)
+                       length_penalty, memory_ids, no_repeat_ngram_size, memory_bias)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 
+from megatron.core import tensor_parallel
 from megatron.core.models.bert.bert_layer_specs import bert_layer_local_spec
 from megatron.core.models.T5.t5_spec import decoder_model_with_local_spec, encoder_model_with_local_spec
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -53,7 +54,10 @@ class ResidualOrderLayer(TransformerLayer):
         if not self.config.apply_residual_connection_post_layernorm:
             return super()._forward_mlp(hidden_states, inference_context, padding_mask)
         normed = self.pre_mlp_layernorm(hidden_states)
-        out_with_bias = self.mlp(normed)
+        if self.recompute_mlp:  # selective recompute of "mlp", as the parent does
+            out_with_bias = tensor_parallel.checkpoint(self.mlp, False, normed)
+        else:
+            out_with_bias = self.mlp(normed)
         with self.bias_dropout_add_exec_handler():
             out = self.mlp_bda(self.training, self.config.bias_dropout_fusion)(
                 out_with_bias, normed, self.hidden_dropout)

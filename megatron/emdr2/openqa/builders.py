@@ -32,7 +32,7 @@ def build_tower(size: ModelSize, vocab_size: int, precision: str = "fp32", tenso
     eps = {} if size.layernorm_epsilon is None else {"layernorm_epsilon": size.layernorm_epsilon}
     config = bert_config(size.num_layers, size.hidden_size, size.num_attention_heads, size.ffn_hidden_size,
                          size.hidden_dropout, size.attention_dropout, precision, tensor_parallel,
-                         post_layernorm=post_layernorm, **eps)
+                         post_layernorm=post_layernorm, **eps, **size.recompute)
     return BertTower(config, vocab_size, size.seq_length, num_tokentypes=num_tokentypes)
 
 
@@ -57,7 +57,8 @@ def build_reader(size: ModelSize, vocab_size: int, real_vocab_size: int, precisi
         return t5_config(layers, size.hidden_size, size.num_attention_heads, size.ffn_hidden_size,
                          hidden_dropout=size.hidden_dropout, attention_dropout=size.attention_dropout,
                          precision=precision, tensor_parallel=tensor_parallel,
-                         layernorm_epsilon=size.layernorm_epsilon, residual_post_layernorm=post_layernorm)
+                         layernorm_epsilon=size.layernorm_epsilon, residual_post_layernorm=post_layernorm,
+                         **size.recompute)
 
     # Only the encoder can be BERT-like (post-LN, from a BERT checkpoint): the decoder's
     # cross-attention layers always take the residual before the norm.
@@ -83,7 +84,7 @@ def _resolve_iteration_dir(path: str) -> str:
     if it is None:
         raise PretrainedError(f"{path}: neither a checkpoint iteration (no {ckpt.MANIFEST}) nor a "
                               f"checkpoint directory (no '{ckpt.BEST}' or '{ckpt.LATEST}' pointer)")
-    return ckpt.iteration_dir(path, it)
+    return ckpt.complete_dir(path, it) or ckpt.iteration_dir(path, it)
 
 
 _verified: set = set()  # (directory, file stats) already checked in this process

@@ -8,6 +8,7 @@ Per micro-batch of B questions:
   5. per-passage answer likelihoods from the same encoder states, decoder only, eval mode,
      no autograd (the stop-gradient of the retriever term);
   6. loss = reader + retriever term (``objectives.py``), averaged over the batch.
+Steps 4-5 differ with --reader-mode individual-topk / joint-topk (``reader_modes.py``).
 The index is refreshed by ``IndexManager`` after optimizer steps (synchronously, or by
 indexer ranks).
 """
@@ -26,10 +27,12 @@ import numpy as np
 import torch
 
 from megatron.emdr2.config import ModelSize, TrainingConfig
-from megatron.emdr2.data.inputs import (ANSWER_MAX_LEN, READER_MAX_LEN, RETRIEVER_MAX_LEN, decoder_inputs,
-                                        encode_answers, encode_context, encode_query, encode_reader_inputs)
+from megatron.emdr2.data.inputs import (ANSWER_MAX_LEN, READER_LAYOUTS, READER_MAX_LEN, RETRIEVER_MAX_LEN,
+                                        decoder_inputs, encode_answers, encode_context, encode_query,
+                                        encode_reader_inputs)
+from megatron.emdr2.data.neighbours import READER_CONTEXTS, neighbour_windows
 from megatron.emdr2.objectives import ObjectiveConfig, joint_loss
-from megatron.emdr2.openqa import builders
+from megatron.emdr2.openqa import builders, reader_modes
 from megatron.emdr2.openqa.index_refresh import IndexManager, RefreshConfig
 from megatron.emdr2.openqa.retrieval import build_index, search_excluding
 
@@ -72,10 +75,20 @@ class OpenQAConfig:
     eval_top_k: tuple = (1, 5, 20)
     # Search an existing index even if another context tower embedded it (logged as a warning).
     allow_index_mismatch: bool = False
+    # What the reader reads of a retrieved passage: "passage" (it alone) or "neighbours" (the
+    # original's: extended with its article neighbours up to reader_max_len; data/neighbours.py),
+    # and the row layout: "prompt" ("question: q title: t context: c") or "original" (the
+    # original's [CLS] q [SEP] t [SEP] c [SEP]; data/inputs.py).
+    reader_context: str = "passage"
+    reader_format: str = "prompt"
 
     def __post_init__(self):
         if self.train_answer not in TRAIN_ANSWERS:
             raise ValueError(f"train_answer {self.train_answer!r} is not one of {TRAIN_ANSWERS}")
+        if self.reader_context not in READER_CONTEXTS:
+            raise ValueError(f"reader_context {self.reader_context!r} is not one of {READER_CONTEXTS}")
+        if self.reader_format not in READER_LAYOUTS:
+            raise ValueError(f"reader_format {self.reader_format!r} is not one of {READER_LAYOUTS}")
         self.eval_top_k = tuple(int(k) for k in self.eval_top_k)
         if not self.eval_top_k or min(self.eval_top_k) < 1:
             raise ValueError(f"eval_top_k {self.eval_top_k}: give one or more k >= 1")
@@ -114,6 +127,11 @@ class OpenQATask:
         self.qa, self.cfg = qa_cfg, cfg
         self.train_examples, self.dev_examples = train_examples, dev_examples
         self.evidence = evidence
+        if evidence is not None and qa_cfg.top_k > len(evidence):
+            from megatron.emdr2.config import ConfigError
+
+            raise ConfigError(f"--top-k {qa_cfg.top_k} is more than the {len(evidence)} passages of the evidence "
+                              f"{evidence.path}")
         self.rtok, self.tok = retriever_tok, reader_tok
         self.refresh_cfg = refresh
         self.index_manager: Optional[IndexManager] = None
@@ -131,6 +149,8 @@ class OpenQATask:
 
     # ------------------------------------------------------------------ models
     def build_models(self):
+        if self.qa.objective.reader_mode != "fid":
+            logger.info("reader mode %s (docs/objectives.md)", self.qa.objective.reader_mode)
         p, tp = self.cfg.precision.precision, self.cfg.parallel.tensor_parallel
         biencoder = builders.build_biencoder(
             self.qa.retriever, self.rtok.vocab_size, p, tp, shared=self.qa.shared_towers,
@@ -194,9 +214,7 @@ class OpenQATask:
         self.index_manager = IndexManager(r, build_sync, context_state, device=index_device,
                                           tower_meta=lambda: {"run_id": self._run_id})
         resuming = self._resuming()
-        try:
-            shard_store.resolve(r.index_dir)
-        except shard_store.IndexStoreError:
+        if shard_store.nothing_published(r.index_dir):
             if resuming:  # embed with the resumed weights, once they are loaded (on_train_start)
                 self._index_todo = "build"
                 return
@@ -240,6 +258,10 @@ class OpenQATask:
         from megatron.emdr2.index import shard_store
 
         manifest = shard_store.read_manifest(self.index_manager.version_dir)
+        width = biencoder.query_tower.hidden_size
+        if manifest.dim != width:  # no flag can make such an index searchable
+            raise shard_store.IndexStoreError(f"{manifest.directory}: index dim {manifest.dim} != the query tower's "
+                                              f"width {width} (an index of another model)")
         recorded = fp.recorded_fingerprint(manifest)
         if recorded is not None:
             if (manifest.extra or {}).get("run_id") == self._run_id:
@@ -309,8 +331,15 @@ class OpenQATask:
         return [flat[b * K:(b + 1) * K] for b in range(ids.size(0))]
 
     def reader_inputs(self, questions: list[str], passages: list[list[tuple[str, str]]]):
-        pairs = [encode_reader_inputs(self.tok, q, ps, self.qa.reader_max_len, pad_to="longest")
-                 for q, ps in zip(questions, passages)]
+        """[B, K, S] reader rows as --reader-context / --reader-format say; with neighbours the
+        passages must be the `Evidence.Passage`s of `passages()` (they carry their rows)."""
+        windows = [None] * len(passages)
+        if self.qa.reader_context == "neighbours":
+            windows = neighbour_windows(self.evidence, self.tok, passages)
+        pairs = [encode_reader_inputs(self.tok, q, ps, self.qa.reader_max_len, pad_to="longest",
+                                      layout=self.qa.reader_format, windows=w,
+                                      question_max_len=self.qa.query_max_len)
+                 for q, ps, w in zip(questions, passages, windows)]
         width = max(ids.size(1) for ids, _ in pairs)
         pad = lambda t, v: torch.nn.functional.pad(t, (0, width - t.size(1)), value=v)
         ids = torch.stack([pad(i, self.tok.pad_id) for i, _ in pairs])
@@ -363,22 +392,18 @@ class OpenQATask:
         r_ids, r_mask = (t.to(module_device(reader)) for t in self.reader_inputs(batch.questions, passages))
         states, memory_mask = reader.encode(r_ids, r_mask)
         memory_ids = r_ids.view(memory_mask.shape)
-        token_nll = reader.token_nll(states, memory_mask, batch.decoder_ids, batch.labels, batch.label_mask,
-                                     memory_ids=memory_ids)
-        reader_nll = token_nll.sum(-1)  # -log p(a | q, Z), summed over answer tokens
-        if self.qa.objective.retriever_objective == "none":
-            token_lp = torch.zeros(len(passages), K, batch.labels.size(1), device=scores.device)
-        else:
-            # B sequences at a time: faster and smaller than K separate reader runs (all B*K at
-            # once is faster still but holds every passage's cross-attention keys/values).
-            _, token_lp = reader.per_passage_log_likelihood(states, memory_mask, K, batch.decoder_ids,
-                                                            batch.labels, batch.label_mask,
-                                                            max_sequences=len(passages),
-                                                            memory_ids=memory_ids)
-        out = joint_loss(self.qa.objective, scores, token_lp, batch.label_mask.float(), reader_nll)
+        # The reader's terms as --reader-mode reads the passages (reader_modes.py): the FiD NLL
+        # -log p(a | q, Z) summed over answer tokens, and the per-passage log-likelihoods.
+        reader_nll, token_lp = reader_modes.reader_terms(self.qa.objective, reader, states, memory_mask,
+                                                         memory_ids, batch, scores, K, step=self._iteration)
+        dev = scores.device  # the objective runs beside the scores (the retriever's device)
+        out = joint_loss(self.qa.objective, scores, token_lp.to(dev), batch.label_mask.float().to(dev),
+                         None if reader_nll is None else reader_nll.to(dev), step=self._iteration)
         p_top1 = out.log_p_z.exp()[:, 0].mean()
-        return out.loss, {"reader_loss": out.reader_loss, "retriever_loss": out.retriever_loss,
-                          "p_top1": p_top1}
+        metrics = {"reader_loss": out.reader_loss, "retriever_loss": out.retriever_loss, "p_top1": p_top1}
+        if self.qa.objective.retriever_objective == "hard-em":  # 0 during --hard-em-after-steps' MML phase
+            metrics["hard_em"] = float(self.qa.objective.effective_objective(self._iteration) == "hard-em")
+        return out.loss, metrics
 
     # ------------------------------------------------------------------ hooks
     def lr_multipliers(self) -> dict:
@@ -421,6 +446,9 @@ class OpenQATask:
                 "top_k": self.qa.top_k, "query_max_len": self.qa.query_max_len,
                 "context_max_len": self.qa.context_max_len, "reader_max_len": self.qa.reader_max_len,
                 "answer_max_len": self.qa.answer_max_len,
+                # how the reader reads the passages: evaluate/answer read them the same way
+                "reader_mode": self.qa.objective.reader_mode,
+                "reader_context": self.qa.reader_context, "reader_format": self.qa.reader_format,
                 # how this run decoded its dev answers: evaluate/answer default to the same
                 "no_repeat_ngram_size": self.qa.no_repeat_ngram_size, "num_beams": self.qa.num_beams}
 

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from megatron.emdr2.data.answers import exact_match
 from megatron.emdr2.data.inputs import encode_context
+from megatron.emdr2.openqa import reader_modes
 from megatron.emdr2.openqa.retrieval import first_hit_ranks, top_k_accuracy
 
 RETRIEVAL_KS = (1, 5, 20)  # the default of --eval-top-k-list (OpenQAConfig.eval_top_k)
@@ -58,14 +59,14 @@ def predict_batch(task, models, examples: Sequence, k_search: int, passages_in_o
     K = min(qa.top_k, ids.size(1))
     reader_passages = [ps[:K] for ps in passages]
     r_ids, r_mask = (t.to(r_dev) for t in task.reader_inputs(batch.questions, reader_passages))
-    generated = reader.generate(r_ids, r_mask, max_length=qa.answer_max_len, num_beams=qa.num_beams,
-                                bos_id=task.tok.bos_id, eos_id=task.tok.eos_id, pad_id=task.tok.pad_id,
-                                no_repeat_ngram_size=qa.no_repeat_ngram_size)
     q_emb = biencoder.embed_queries(batch.query_ids.to(b_dev), batch.query_mask.to(b_dev))
     c_ids, c_mask = encode_context(task.rtok, [p for ps in reader_passages for p in ps],
                                    qa.context_max_len, pad_to="longest")
     c_emb = biencoder.embed_contexts(c_ids.to(b_dev), c_mask.to(b_dev)).view(len(examples), K, -1)
-    probs = torch.softmax(biencoder.score(q_emb, c_emb), dim=-1)
+    log_p_z = torch.log_softmax(biencoder.score(q_emb, c_emb), dim=-1)
+    probs = log_p_z.exp()
+    # Decoded as the reader was trained to read (--reader-mode; reader_modes.generate_answers).
+    generated = reader_modes.generate_answers(qa, task.tok, reader, r_ids, r_mask, log_p_z.to(r_dev))
     has_gold = all(e.answers for e in examples)
     ranks = first_hit_ranks(batch.answers, passages) if has_gold else np.zeros(len(examples), np.int64)
     records = []

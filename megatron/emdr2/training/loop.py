@@ -20,7 +20,7 @@ from typing import Any, Mapping, Optional
 import torch
 
 from megatron.emdr2.autocast import autocast
-from megatron.emdr2.config import TrainingConfig
+from megatron.emdr2.config import ConfigError, TrainingConfig
 from megatron.emdr2.training import checkpointing as ckpt
 from megatron.emdr2.training.logging import MetricsLogger
 from megatron.emdr2.training.setup import build_optimizer, build_scheduler, mark_lr_groups, prepare_models
@@ -78,6 +78,10 @@ class Trainer:
         # --autocast: what the task runs (model building and first index build, forward
         # passes, index refreshes, evaluation) under autocast; backward and optimizer steps not.
         self.autocast = lambda: autocast(compute_device(), cfg.precision.autocast_dtype)
+        num_samples = task.num_train_samples()
+        if num_samples < cfg.batch.global_batch_size:  # before any model is built
+            raise ConfigError(f"--global-batch-size {cfg.batch.global_batch_size} is more than the {num_samples} "
+                              "training examples: one optimizer step could never be filled")
         with self.autocast():
             models = task.build_models()
         lr_multipliers = optional(task, "lr_multipliers")
@@ -125,16 +129,22 @@ class Trainer:
         c = self.cfg.checkpoint
         if not c.save:
             return None
+        # --use-distributed-optimizer: gathered first (a collective, and it creates the Adam state
+        # that state_dict() needs if every step so far was skipped)
+        shards = ckpt.gather_optimizer_shards(self.optimizer) if self.cfg.parallel.use_distributed_optimizer else None
         return ckpt.save_checkpoint(c.save, self.state.iteration, self._model_state(), self._rank_state(),
                                     meta={"world_size": torch.distributed.get_world_size()
-                                          if torch.distributed.is_initialized() else 1},
-                                    keep_last=c.keep_last)
+                                          if torch.distributed.is_initialized() else 1,
+                                          "data_parallel_size": self.dp_size,
+                                          "distributed_optimizer": self.cfg.parallel.use_distributed_optimizer},
+                                    keep_last=c.keep_last, optimizer_shards=shards)
 
     def _maybe_resume(self) -> None:
         c = self.cfg.checkpoint
         if not c.load:
             return
-        loaded = ckpt.load_checkpoint(c.load, c.load_iteration)
+        distributed = self.cfg.parallel.use_distributed_optimizer
+        loaded = ckpt.load_checkpoint(c.load, c.load_iteration, read_optimizer_shards=distributed and not c.finetune)
         if loaded is None:
             self.logger.print(f"no checkpoint in {c.load}; starting from scratch")
             return
@@ -143,11 +153,23 @@ class Trainer:
             if name not in model_state["models"]:
                 raise ckpt.CheckpointError(f"{c.load}: checkpoint has no model {name!r} "
                                            f"(it has {sorted(model_state['models'])})")
-            m.load_state_dict(model_state["models"][name])
+            try:
+                m.load_state_dict(model_state["models"][name])
+            except RuntimeError as e:  # torch lists every mismatch: the first names the problem
+                detail = next((l.strip() for l in str(e).splitlines() if "size mismatch" in l or "Missing" in l
+                               or "Unexpected" in l), str(e).splitlines()[0])
+                raise ckpt.CheckpointError(
+                    f"{ckpt.iteration_dir(c.load, iteration)}: its {name} does not fit the model built from the "
+                    f"flags ({detail}); give the sizes it was trained with") from None
         if c.finetune:
             self.optimizer.reload_model_params()
             self.logger.print(f"loaded model weights of iteration {iteration} from {c.load} (finetune)")
             return
+        where = ckpt.iteration_dir(c.load, iteration)
+        if ("distributed_optimizer" in model_state) != distributed:  # the two optimizer states differ in form
+            raise ckpt.CheckpointError(
+                f"{where}: saved {'with' if not distributed else 'without'} --use-distributed-optimizer; resume "
+                f"{'with' if not distributed else 'without'} it, or pass --finetune to load the weights only")
         try:
             self.optimizer.load_state_dict(model_state["optimizer"])
         except (ValueError, KeyError, RuntimeError) as e:
@@ -155,6 +177,11 @@ class Trainer:
                 f"{ckpt.iteration_dir(c.load, iteration)}: its optimizer state does not fit this run's "
                 f"parameter groups (different lr multipliers or frozen parts?): {str(e).splitlines()[0]}; "
                 f"pass --finetune to load the weights only") from None
+        if distributed:
+            saved_dp = ckpt.load_optimizer_shards(self.optimizer, model_state["distributed_optimizer"], where)
+            if saved_dp is not None and saved_dp != self.dp_size:
+                self.logger.print(f"distributed-optimizer state of {saved_dp} data-parallel ranks resharded "
+                                  f"over {self.dp_size}")
         self.scheduler.load_state_dict(model_state["scheduler"])
         self.state.iteration = iteration
         ts = model_state.get("train_state", {})
