@@ -2,6 +2,7 @@
 indexer killed mid-refresh does not stop training, and every rank ends cleanly."""
 
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -51,7 +52,7 @@ def test_async_refresh_with_indexer_ranks(tmp_path, kill_indexer):
             else:
                 pytest.fail("no refresh started:\n" + _logs(tmp_path))
             os.kill(procs[3].pid, signal.SIGKILL)
-            killed_step = int(partial[0].parent.name.split("-")[1])
+            killed_step = int(re.match(r"step-(\d+)", partial[0].parent.name).group(1))  # (or its .staging)
         codes = _wait_all(procs, 400)
     finally:
         for p in procs:
