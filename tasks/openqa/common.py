@@ -100,6 +100,9 @@ def add_openqa_args(parser: argparse.ArgumentParser, retriever: ModelSize = RETR
     g.add_argument("--no-repeat-ngram-size", type=int, default=0,
                    help="decoding never repeats an n-gram of this size (0: off); 2 stops an "
                         "undertrained reader's 'the the the ...' loops")
+    g.add_argument("--complete-words", action=argparse.BooleanOptionalAction, default=False,
+                   help="complete a decoded answer that stops inside a word of the passage it was "
+                        "copied from to that word's end (megatron/emdr2/openqa/word_completion.py)")
     g.add_argument("--predictions-file", default=None,
                    help="JSON lines of dev predictions ({iteration} is replaced)")
     g.add_argument("--eval-top-k-list", type=int, nargs="+", default=[1, 5, 20], metavar="K",
@@ -261,12 +264,6 @@ def check_openqa_args(args, cfg: TrainingConfig, prog: str) -> None:
             ("--query-max-len", args.query_max_len, "--retriever-seq-length", args.retriever_seq_length)):
         if length > limit:
             fail(f"{flag} {length} exceeds {limit_flag} {limit} (the model's position embeddings)", prog)
-    if args.num_indexer_ranks and cfg.parallel.tensor_parallel > 1:
-        fail("--num-indexer-ranks with --tensor-model-parallel-size > 1 is not supported yet "
-             "(the indexers embed with an unsharded context tower)", prog)
-    if cfg.parallel.tensor_parallel > 1:
-        fail("evidence embedding for the index runs with tensor-parallel size 1 only; "
-             "use data parallelism for the EMDR² tasks", prog)
 
 
 def objective_config(args) -> ObjectiveConfig:
@@ -299,6 +296,7 @@ def qa_config(args):
         reader_max_len=args.reader_max_len, answer_max_len=args.answer_max_len,
         eval_max_questions=args.eval_max_questions, eval_batch_size=args.eval_batch_size,
         num_beams=args.num_beams, no_repeat_ngram_size=getattr(args, "no_repeat_ngram_size", 0),
+        complete_words=bool(getattr(args, "complete_words", False)),
         predictions_file=args.predictions_file,
         train_answer=getattr(args, "train_answer", "first"),
         eval_top_k=tuple(dict.fromkeys(getattr(args, "eval_top_k_list", None) or (1, 5, 20))),
@@ -350,7 +348,9 @@ def run_roles(args, cfg: TrainingConfig, make_task, make_indexer) -> None:
         set_seed(cfg.seed)
         launch.run(make_task, cfg, started=True)
         return
-    init_model_parallel(1, 1)  # indexers run unsharded context towers, data-parallel over evidence
+    # Indexers run unsharded context towers, data-parallel over the evidence, whatever the
+    # trainers' tensor-parallel size (the trainers hand them the whole tower).
+    init_model_parallel(1, 1)
     set_seed(cfg.seed)
     try:
         make_indexer()
@@ -397,7 +397,8 @@ def add_inference_args(parser: argparse.ArgumentParser) -> None:
     # Unset: as the checkpoint's run read and decoded (its top-k, n-gram ban and beams), so a
     # plain `evaluate --load RUN` measures what the run measured (its --reader-mode too); else
     # 50 / 0 / 1 / fid.
-    parser.set_defaults(top_k=None, no_repeat_ngram_size=None, num_beams=None, reader_mode=None)
+    parser.set_defaults(top_k=None, no_repeat_ngram_size=None, num_beams=None, reader_mode=None,
+                        complete_words=None)
     add_reader_input_args(parser)
     parser.add_argument("--load", required=True,
                         help="EMDR²/MSS checkpoint directory (its best iteration, else latest)")
@@ -443,6 +444,7 @@ def load_for_inference(args):
             if key in meta:  # inputs shaped as in training
                 setattr(args, key, meta[key])
     for key, fallback in (("top_k", 50), ("no_repeat_ngram_size", 0), ("num_beams", 1), ("reader_mode", "fid"),
+                          ("complete_words", False),
                           *READER_CONTEXT_DEFAULTS.items()):
         if getattr(args, key, None) is None:  # not given: as the run did (or the original, converted)
             setattr(args, key, meta.get(key, fallback))

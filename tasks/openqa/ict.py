@@ -63,7 +63,7 @@ def check_retriever_args(args, cfg: TrainingConfig, prog: str) -> None:
     if args.retriever_load and args.bert_load:
         fail("give --retriever-load or --bert-load, not both", prog)
     if cfg.parallel.tensor_parallel > 1:
-        fail("retriever training embeds the evidence with tensor-parallel size 1 only; "
+        fail("retriever training (ICT, DPR) runs with tensor-parallel size 1 only; "
              "use data parallelism (a BERT-base tower fits one GPU)", prog)
     if args.eval_score_k < 1:
         fail("--eval-score-k must be >= 1", prog)

@@ -121,6 +121,13 @@ class BertWordPieceTokenizer:
                   if i not in self.special_ids and 0 <= i < self.real_vocab_size]
         return self._decoder.decode(pieces)
 
+    def continuation_ids(self) -> frozenset:
+        """Ids of the pieces that continue a word (``##``-prefixed), cached."""
+        if not hasattr(self, "_continuations"):
+            self._continuations = frozenset(i for i, t in enumerate(self._id_to_token)
+                                            if t is not None and t.startswith("##"))
+        return self._continuations
+
     def sentinel(self, i: int) -> int:
         if not self.sentinel_ids:
             raise ValueError("sentinel tokens need BertWordPieceTokenizer(t5_extras=True)")
@@ -193,6 +200,15 @@ class SentencePieceTokenizer:
     def decode(self, ids) -> str:
         keep = [i for i in (int(x) for x in ids) if i not in self.special_ids and 0 <= i < self._sp_size]
         return self._sp.DecodeIds(keep)
+
+    def continuation_ids(self) -> frozenset:
+        """Ids of the pieces that continue a word (no leading ``▁``), cached."""
+        if not hasattr(self, "_continuations"):
+            self._continuations = frozenset(
+                i for i in range(self._sp_size)
+                if i not in self.special_ids and not self._sp.IsUnknown(i)
+                and not self._sp.IdToPiece(i).startswith("\u2581"))
+        return self._continuations
 
     def sentinel(self, i: int) -> int:
         return self.sentinel_ids[i]

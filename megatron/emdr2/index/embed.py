@@ -5,6 +5,10 @@ anyone writes; each rank streams its embeddings into a temporary memory-mapped s
 renames it when complete; only after every rank has finished does rank 0 write the manifest
 (and then ``LATEST``). Killing the job at any point leaves either the previous state or a
 directory without a manifest, which loaders reject.
+
+Tensor parallelism: the ranks of a tensor-parallel group run one sharded encoder together, so
+they embed the same rows in lockstep (``tensor_group``); the rows are cut into one slice per
+group, and only the group's first rank writes its shard (the encoder's output is replicated).
 """
 
 from __future__ import annotations
@@ -48,7 +52,8 @@ def embed_evidence(encoder: Encoder, tokenize: Tokenize, evidence_ids: np.ndarra
                    group=None, device: torch.device | str | None = None,
                    compute_dtype: torch.dtype | None = None, progress: bool = True,
                    overwrite: bool = False, extra: dict | None = None,
-                   log_interval_s: float = 30.0, fingerprint: str | None = None) -> shard_store.Manifest:
+                   log_interval_s: float = 30.0, fingerprint: str | None = None,
+                   tensor_group=None) -> shard_store.Manifest:
     """Embed all evidence rows over the ranks of ``group`` and publish an index in ``out_dir``.
 
     ``encoder`` maps a token batch to [B, H] embeddings (e.g. a context tower);
@@ -57,8 +62,11 @@ def embed_evidence(encoder: Encoder, tokenize: Tokenize, evidence_ids: np.ndarra
     ``fingerprint``: ``fingerprint.tower_fingerprint`` of the tower behind ``encoder``, written in
     the manifest (``extra["context_tower_sha256"]``) so that loaders can check which tower
     embedded the index.
+    ``tensor_group``: the ranks (inside ``group``) that run a tensor-parallel ``encoder``
+    together; None when it is not sharded.
     """
     rank, world = _world(group)
+    shard, shards, writes = _shard_layout(group, tensor_group)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if compute_dtype is None:
         compute_dtype = torch.float16 if device.type == "cuda" else torch.float32
@@ -81,11 +89,13 @@ def embed_evidence(encoder: Encoder, tokenize: Tokenize, evidence_ids: np.ndarra
 
     if hasattr(encoder, "eval"):
         encoder.eval()
-    start = row_range(len(evidence_ids), rank, world)[0]
+    start = row_range(len(evidence_ids), shard, shards)[0]
     writer, error = None, None
+    done, t0 = 0, time.perf_counter()
     try:
-        writer, done, t0 = _embed_my_rows(encoder, tokenize, evidence_ids, write_dir, out_dir, rank, world,
-                                          batch_size, device, compute_dtype, progress, log_interval_s)
+        writer, done, t0 = _embed_my_rows(encoder, tokenize, evidence_ids, write_dir, out_dir, shard, shards,
+                                          batch_size, device, compute_dtype, progress and rank == 0,
+                                          log_interval_s, writes, tensor_group)
     except OSError as e:  # disk full, permission denied: every rank learns of it and stops
         error = f"{write_dir}: could not write the index ({e})"
     _raise_agreed(error, out_dir, world, group)
@@ -98,20 +108,22 @@ def embed_evidence(encoder: Encoder, tokenize: Tokenize, evidence_ids: np.ndarra
         dim = int(d)
     info = None
     try:
-        if writer is None:
-            writer = shard_store.ShardWriter(write_dir, rank, world, 0, dim, start)
-        info = writer.close()
+        if writer is None and writes:
+            writer = shard_store.ShardWriter(write_dir, shard, shards, 0, dim, start)
+        info = writer.close() if writes else None
     except OSError as e:
         error = f"{write_dir}: could not write the index ({e})"
     _raise_agreed(error, out_dir, world, group)
     elapsed = time.perf_counter() - t0
-    logger.info("rank %d: embedded %d passages in %.1fs (%.1f passages/s)",
-                rank, done, elapsed, done / max(elapsed, 1e-9))
+    if writes:
+        logger.info("rank %d: embedded %d passages in %.1fs (%.1f passages/s)",
+                    rank, done, elapsed, done / max(elapsed, 1e-9))
 
     infos = [info]
     if world > 1:
         infos = [None] * world
         dist.all_gather_object(infos, info, group=group)
+        infos = [i for i in infos if i is not None]  # tensor-parallel peers write nothing
     error = None
     if rank == 0:
         try:
@@ -120,6 +132,32 @@ def embed_evidence(encoder: Encoder, tokenize: Tokenize, evidence_ids: np.ndarra
             error = f"{e}; {_published(out_dir)}"
     _collective_check(error, group)
     return shard_store.read_manifest(out_dir)
+
+
+def _shard_layout(group, tensor_group) -> tuple[int, int, bool]:
+    """(shard, shards, writes): which of ``shards`` slices of the rows this rank embeds, and
+    whether it writes them. Without tensor parallelism every rank is its own shard; with it,
+    the ranks of a tensor-parallel group share one shard, written by the group's first rank.
+    Collective over ``group``."""
+    rank, world = _world(group)
+    if tensor_group is None or dist.get_world_size(tensor_group) == 1:
+        return rank, world, True
+    leader = dist.get_global_rank(tensor_group, 0)
+    leaders = [None] * world
+    dist.all_gather_object(leaders, leader, group=group)
+    order = sorted(set(leaders))
+    return order.index(leader), len(order), dist.get_rank() == leader
+
+
+def _peers_failed(failed: bool, tensor_group) -> bool:
+    """Did any rank of the tensor-parallel group fail to write? (Its peers must stop with it:
+    the next batch's sharded encoder would wait for it forever.)"""
+    if tensor_group is None or dist.get_world_size(tensor_group) == 1:
+        return failed
+    on = "cuda" if dist.get_backend(tensor_group) == "nccl" else "cpu"
+    flag = torch.tensor([int(failed)], dtype=torch.int32, device=on)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=tensor_group)
+    return bool(flag.item())
 
 
 def _raise_agreed(error, out_dir: str, world: int, group) -> None:
@@ -144,12 +182,13 @@ def _published(out_dir: str) -> str:
             else "no version was published")
 
 
-def _embed_my_rows(encoder, tokenize, evidence_ids, write_dir, out_dir, rank, world, batch_size, device,
-                   compute_dtype, progress, log_interval_s):
-    """Embed and write this rank's rows (no collective inside): (writer or None, rows, start time)."""
-    start, end = row_range(len(evidence_ids), rank, world)
+def _embed_my_rows(encoder, tokenize, evidence_ids, write_dir, out_dir, shard, shards, batch_size, device,
+                   compute_dtype, progress, log_interval_s, writes=True, tensor_group=None):
+    """Embed (and, if ``writes``, write) this shard's rows: (writer or None, rows, start time).
+    No collective inside but the sharded encoder's and the peers' failure flag."""
+    start, end = row_range(len(evidence_ids), shard, shards)
     writer, t0, last_log, done = None, time.perf_counter(), time.perf_counter(), 0
-    bar = _progress_bar(end - start, enabled=progress and rank == 0)
+    bar = _progress_bar(end - start, enabled=progress)
     for a in range(start, end, batch_size):
         b = min(end, a + batch_size)
         ids, mask = tokenize(range(a, b))
@@ -159,15 +198,24 @@ def _embed_my_rows(encoder, tokenize, evidence_ids, write_dir, out_dir, rank, wo
         if not bool(torch.isfinite(emb16).all()):
             raise FloatingPointError(f"{out_dir}: non-finite (or fp16-overflowing) embeddings "
                                      f"for evidence rows [{a}, {b})")
-        if writer is None:
-            writer = shard_store.ShardWriter(write_dir, rank, world, end - start, emb16.shape[1], start)
-        writer.write(a - start, emb16.cpu(), evidence_ids[a:b])
+        failure = None
+        if writes:
+            try:
+                if writer is None:
+                    writer = shard_store.ShardWriter(write_dir, shard, shards, end - start, emb16.shape[1], start)
+                writer.write(a - start, emb16.cpu(), evidence_ids[a:b])
+            except OSError as e:
+                failure = e
+        if _peers_failed(failure is not None, tensor_group):
+            if failure is not None:
+                raise failure
+            break  # the writing peer failed: it reports the error to every rank
         done += b - a
         bar.update(b - a)
         now = time.perf_counter()
         if now - last_log >= log_interval_s:
-            logger.info("rank %d: embedded %d/%d passages, %.1f passages/s",
-                        rank, done, end - start, done / (now - t0))
+            logger.info("shard %d: embedded %d/%d passages, %.1f passages/s",
+                        shard, done, end - start, done / (now - t0))
             last_log = now
     bar.close()
 

@@ -41,8 +41,15 @@ class IndexMismatchError(IndexStoreError):
 
 def tower_fingerprint(tower: Union[torch.nn.Module, Mapping[str, object]]) -> str:
     """sha256 (hex) of a context tower's tensors, independent of device and storage precision
-    of equal values. Megatron's ``_extra_state`` entries (no weights) are skipped."""
-    state = tower.state_dict() if isinstance(tower, torch.nn.Module) else tower
+    of equal values. Megatron's ``_extra_state`` entries (no weights) are skipped. A
+    tensor-parallel tower is hashed whole (collective over its tensor-parallel group), so an
+    index embedded at one tensor-parallel size is recognised at any other."""
+    if isinstance(tower, torch.nn.Module):
+        from megatron.emdr2.models.tp_state import full_state_dict
+
+        state = full_state_dict(tower)
+    else:
+        state = tower
     h = hashlib.sha256()
     for name in sorted(state):
         value = state[name]

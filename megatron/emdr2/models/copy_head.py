@@ -11,7 +11,14 @@ T5 it is not needed (and is off by default).
 
 Tensors are sequence-first like megatron's decoder: hidden [T, N, H]; memory-side tensors are
 batch-first: keys [N, M, H], mask and ids [N, M]. Everything is computed in fp32.
-Tensor parallelism is not supported (the mixture needs the whole vocabulary on one rank).
+
+Tensor parallelism: the head is small and replicated on every tensor-parallel rank; its inputs
+(the decoder's and encoder's final states) are replicated too, so every rank computes the same
+copy distribution and gate. The vocabulary side is what is split: training and per-passage
+likelihoods need only log p_vocab(target), which megatron's vocab-parallel cross-entropy gives
+every rank whole (``mix_gold``); decoding gathers one step's [N, V] logits first, so the copy
+mass is scattered into the whole vocabulary (``mix_full``). Each rank's gradient is then the
+whole gradient of the replicated head, as for megatron's layer norms.
 
 Span continuation (``continuation=True``): an answer of several tokens is a run of consecutive
 memory tokens, and a fresh decoder has no cheap way to find "the token after the one I just

@@ -51,6 +51,25 @@ class SdpaAttention(RelativeBiasAttention):
             bias.masked_fill_(attention_mask, _MASKED)
         if attention_bias is not None:
             bias = attention_bias.to(q.dtype) if bias is None else bias + attention_bias.to(q.dtype)
-        context = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.softmax_scale)
+        out_dtype = q.dtype
+        if _cpu_half_backward(q):
+            # Autocast would cast fp32 inputs back to bf16 for SDPA: it is off for this call.
+            q, k, v = q.float(), k.float(), v.float()
+            bias = None if bias is None else bias.float()
+            with torch.autocast("cpu", enabled=False):
+                context = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.softmax_scale)
+        else:
+            context = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.softmax_scale)
+        context = context.to(out_dtype)
         sq, b = context.size(2), context.size(0)
         return context.permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size_per_partition)
+
+
+def _cpu_half_backward(q: Tensor) -> bool:
+    """True where attention in bf16/fp16 on a CPU will be differentiated. torch's CPU flash
+    attention is as fast in bf16 as in fp32 forward, but its bf16 backward is slow: forward +
+    backward of the reader encoder's attention (32 x 12 heads x 168 tokens) takes 2.7x as long
+    in bf16, the decoder's 7x (bench/bench_cpu_attention.py). Those calls run in fp32 (more
+    precise, and cheaper); GPUs keep their half-precision kernels."""
+    return (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
+            and torch.is_grad_enabled() and q.requires_grad)

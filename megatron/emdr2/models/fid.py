@@ -64,7 +64,7 @@ class FiDReader(T5Model):
             -inf logits, so they are never generated and do not dilute likelihoods.
         copy_head: mix a copy distribution over the memory's tokens into the output
             (``copy_head.CopyHead``); every likelihood and decoding call then needs the memory's
-            token ids (``memory_ids``). One tensor-parallel rank only.
+            token ids (``memory_ids``). Replicated over tensor-parallel ranks (see copy_head.py).
     """
 
     def __init__(self, config: TransformerConfig, vocab_size: int, max_sequence_length: int,
@@ -100,9 +100,6 @@ class FiDReader(T5Model):
         self.encoder_frozen = False
         self.copy_head = None
         if copy_head:
-            if tp > 1:
-                raise ValueError("the reader's copy head needs the whole vocabulary on one rank: "
-                                 "use tensor-parallel size 1")
             from megatron.emdr2.models.copy_head import CopyHead
 
             self.copy_head = CopyHead(config.hidden_size, config.init_method_std,

@@ -127,17 +127,62 @@ def load_checkpoint_meta(path: str) -> dict:
     return meta if isinstance(meta, dict) else {}
 
 
-def load_model_state(path: str, name: str, tp_rank: int = 0) -> dict:
-    """The state dict of model ``name`` (e.g. "biencoder", "reader") stored at ``path``."""
+def load_model_state(path: str, name: str, tensor_parallel: int = 1, tp_rank: int = 0) -> dict:
+    """The state dict of model ``name`` (e.g. "biencoder", "reader") stored at ``path``, as
+    tensor-parallel rank ``tp_rank`` of ``tensor_parallel`` holds it: a checkpoint saved at
+    another tensor-parallel size is merged and re-split; a ``.pt`` file is a whole model."""
     if not os.path.exists(path):
         raise PretrainedError(f"{path}: no such file or directory")
     if os.path.isdir(path):
         iteration_dir = _verified_iteration_dir(path)
-        state = _load_file(os.path.join(iteration_dir, ckpt.model_file(tp_rank)))
-        models = state.get("models", {}) if isinstance(state, dict) else {}
-        if name not in models:
-            raise PretrainedError(f"{iteration_dir}: has no model {name!r} (it has {sorted(models)})")
-        return models[name]
+        stored = _stored_tensor_parallel(iteration_dir)
+        if stored == tensor_parallel:
+            return _checkpoint_model(iteration_dir, name, tp_rank)
+        from megatron.emdr2.models.convert import ConversionError, tp_merge
+
+        try:
+            whole = tp_merge([_weights(_checkpoint_model(iteration_dir, name, r)) for r in range(stored)])
+        except ConversionError as e:
+            raise PretrainedError(f"{iteration_dir}: {e}") from None
+        return _split(whole, tensor_parallel, tp_rank, iteration_dir)
+    state = _whole_model_file(path, name)
+    return _split(state, tensor_parallel, tp_rank, path)
+
+
+def _stored_tensor_parallel(iteration_dir: str) -> int:
+    """How many tensor-parallel model files a checkpoint iteration holds."""
+    stored = 0
+    while os.path.exists(os.path.join(iteration_dir, ckpt.model_file(stored))):
+        stored += 1
+    return max(stored, 1)
+
+
+def _checkpoint_model(iteration_dir: str, name: str, tp_rank: int) -> dict:
+    state = _load_file(os.path.join(iteration_dir, ckpt.model_file(tp_rank)))
+    models = state.get("models", {}) if isinstance(state, dict) else {}
+    if name not in models:
+        raise PretrainedError(f"{iteration_dir}: has no model {name!r} (it has {sorted(models)})")
+    return models[name]
+
+
+def _weights(state: dict) -> dict:
+    """The tensors of a state dict (megatron's ``_extra_state`` entries hold no weights)."""
+    return {k: v for k, v in state.items() if not k.endswith("_extra_state")}
+
+
+def _split(state: dict, tensor_parallel: int, tp_rank: int, path: str) -> dict:
+    if tensor_parallel == 1:
+        return state
+    state = _weights(state)
+    from megatron.emdr2.models.convert import ConversionError, tp_split
+
+    try:
+        return tp_split(state, tensor_parallel, tp_rank)
+    except ConversionError as e:
+        raise PretrainedError(f"{path}: {e}") from None
+
+
+def _whole_model_file(path: str, name: str) -> dict:
     state = _load_file(path)  # weights-only; an unreadable or truncated file is a PretrainedError
     if isinstance(state, dict) and "models" in state:
         state = state["models"].get(name, state["models"])
@@ -212,8 +257,11 @@ def bert_into_reader_encoder(reader: torch.nn.Module, tower_state: dict, path: s
     The reader has no segment embeddings: BERT's segment-0 vector, added to every token, is
     folded into the position table. Rows the BERT vocabulary lacks (the reader's [BOS], [EOS],
     sentinels and padding) keep their initialisation; the decoder stays as initialised.
+    A tensor-parallel reader is filled whole and keeps its shard (collective over its group).
     """
-    own = reader.state_dict()
+    from megatron.emdr2.models.tp_state import full_state_dict, shard_for
+
+    own = full_state_dict(reader)
     state = {k: v for k, v in tower_state.items() if k.startswith("encoder.")}
     words = tower_state["embedding.word_embeddings.weight"]
     if words.size(1) != own["embedding.word_embeddings.weight"].size(1):
@@ -235,4 +283,4 @@ def bert_into_reader_encoder(reader: torch.nn.Module, tower_state: dict, path: s
     if missing:
         raise PretrainedError(f"{path}: does not fit the reader's encoder: missing {missing[0]!r} "
                               f"({len(missing)} missing)")
-    load_into(reader, state, path, strict=False)
+    load_into(reader, shard_for(reader, state), path, strict=False)

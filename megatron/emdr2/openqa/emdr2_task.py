@@ -67,6 +67,7 @@ class OpenQAConfig:
     eval_batch_size: int = 8
     num_beams: int = 1
     no_repeat_ngram_size: int = 0
+    complete_words: bool = False  # --complete-words (word_completion.py)
     predictions_file: Optional[str] = None
     # Which gold answer a training question is taught: "first" (answers[0], always the same) or
     # "random" (the original's: a gold answer drawn afresh each time the question is drawn).
@@ -110,6 +111,14 @@ class QABatch:
         return dataclasses.replace(self, **{f.name: getattr(self, f.name).to(device)
                                             for f in dataclasses.fields(self)
                                             if torch.is_tensor(getattr(self, f.name))})
+
+
+def _tensor_parallel_rank(tp: int) -> int:
+    if tp == 1:
+        return 0
+    from megatron.core import parallel_state
+
+    return parallel_state.get_tensor_model_parallel_rank()
 
 
 def module_device(module: torch.nn.Module) -> torch.device:
@@ -156,8 +165,12 @@ class OpenQATask:
             self.qa.retriever, self.rtok.vocab_size, p, tp, shared=self.qa.shared_towers,
             freeze_query=self.qa.freeze_query_tower, freeze_context=self.qa.freeze_context_tower)
         reader = builders.build_reader(self.qa.reader, self.tok.vocab_size, self.tok.real_vocab_size, p, tp)
+        from megatron.emdr2.models.tp_state import shard_for
+
+        # Pretrained weights saved at any tensor-parallel size, as this rank's shard.
+        at_tp = dict(tensor_parallel=tp, tp_rank=_tensor_parallel_rank(tp))
         if self.qa.retriever_load:
-            state = builders.load_model_state(self.qa.retriever_load, "biencoder")
+            state = builders.load_model_state(self.qa.retriever_load, "biencoder", **at_tp)
             if not self.qa.shared_towers and not any(k.startswith("context_tower.") for k in state):
                 # a shared-tower retriever (e.g. ICT) starts both of our separate towers
                 state = {**state, **{"context_tower." + k[len("query_tower."):]: v
@@ -167,9 +180,9 @@ class OpenQATask:
             tower = builders.load_bert_tower_state(self.qa.retriever_bert_load, self.qa.retriever.num_layers,
                                                    self.qa.retriever.seq_length)
             for module in {id(t): t for t in (biencoder.query_tower, biencoder.context_encoder)}.values():
-                builders.load_into(module, tower, self.qa.retriever_bert_load)
+                builders.load_into(module, shard_for(module, tower), self.qa.retriever_bert_load)
         if self.qa.reader_load:
-            builders.load_into(reader, builders.load_model_state(self.qa.reader_load, "reader"),
+            builders.load_into(reader, builders.load_model_state(self.qa.reader_load, "reader", **at_tp),
                                self.qa.reader_load)
         elif self.qa.reader_bert_load:
             tower = builders.load_bert_tower_state(self.qa.reader_bert_load, self.qa.reader.num_layers,
@@ -205,7 +218,11 @@ class OpenQATask:
                                extra={"run_id": self._run_id})
 
         def context_state() -> dict:
-            return biencoder.context_encoder.state_dict()
+            # The indexer ranks run the tower unsharded: hand them the whole of it (collective
+            # over the tensor-parallel group).
+            from megatron.emdr2.models.tp_state import full_state_dict
+
+            return full_state_dict(biencoder.context_encoder)
 
         self._build_sync = build_sync
         # The index shard sits on this rank's GPU where there is one: the search at every step
@@ -450,7 +467,8 @@ class OpenQATask:
                 "reader_mode": self.qa.objective.reader_mode,
                 "reader_context": self.qa.reader_context, "reader_format": self.qa.reader_format,
                 # how this run decoded its dev answers: evaluate/answer default to the same
-                "no_repeat_ngram_size": self.qa.no_repeat_ngram_size, "num_beams": self.qa.num_beams}
+                "no_repeat_ngram_size": self.qa.no_repeat_ngram_size, "num_beams": self.qa.num_beams,
+                "complete_words": self.qa.complete_words}
 
     def state_dict(self) -> dict:
         return {"index_version": self.index_manager.version if self.index_manager else None,

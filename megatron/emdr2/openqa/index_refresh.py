@@ -137,8 +137,8 @@ class IndexManager:
     """The trainers' view: the index in use, and how it is replaced.
 
     ``build_sync(step)`` re-embeds the evidence on the trainer ranks and returns the published
-    version directory (synchronous mode); ``context_state()`` returns the context tower's weights
-    to hand to the indexers (asynchronous mode). Both are called collectively.
+    version directory (synchronous mode); ``context_state()`` returns the context tower's whole
+    weights to hand to the indexers (asynchronous mode). Both are called collectively.
     """
 
     def __init__(self, cfg: RefreshConfig, build_sync: Callable[[int], str],
@@ -179,9 +179,10 @@ class IndexManager:
     def _after_step_async(self, iteration: int) -> None:
         if self.rank == 0:
             self.exchange.beat()
-        if self.cfg.interval and iteration % self.cfg.interval == 0 and self.rank == 0:
-            self.exchange.publish_tower(iteration, self.context_state(),
-                                        self.tower_meta() if self.tower_meta else None)
+        if self.cfg.interval and iteration % self.cfg.interval == 0:
+            state = self.context_state()  # on every rank: a tensor-parallel tower is gathered
+            if self.rank == 0:
+                self.exchange.publish_tower(iteration, state, self.tower_meta() if self.tower_meta else None)
         # Which version is newest? Rank 0 reads the pointer; everyone follows its answer.
         newest = _broadcast_object(latest_version(self.cfg.index_dir) if self.rank == 0 else None, self.group)
         if newest and newest != self.version and (self._pending is None or self._pending[0] != newest):

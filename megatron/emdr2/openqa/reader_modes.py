@@ -28,6 +28,7 @@ import torch
 
 from megatron.emdr2.data.inputs import decoder_inputs
 from megatron.emdr2.objectives import ObjectiveConfig, retriever_log_probs
+from megatron.emdr2.openqa.word_completion import complete_words
 
 
 def reader_terms(cfg: ObjectiveConfig, reader, states: torch.Tensor, memory_mask: torch.Tensor,
@@ -75,11 +76,15 @@ def generate_answers(qa, tok, reader, r_ids: torch.Tensor, r_mask: torch.Tensor,
     kwargs = dict(max_length=qa.answer_max_len, num_beams=qa.num_beams, bos_id=tok.bos_id, eos_id=tok.eos_id,
                   pad_id=tok.pad_id, no_repeat_ngram_size=qa.no_repeat_ngram_size)
     if mode == "individual-topk":
-        return individual_topk_answers(reader, r_ids, r_mask, log_p_z, **kwargs)
-    bias = None
-    if mode == "joint-topk":
-        bias = reader.passage_memory_bias(log_p_z.float().to(r_ids.device), r_ids.size(2))
-    return reader.generate(r_ids, r_mask, memory_bias=bias, **kwargs)
+        answers = individual_topk_answers(reader, r_ids, r_mask, log_p_z, **kwargs)
+    else:
+        bias = None
+        if mode == "joint-topk":
+            bias = reader.passage_memory_bias(log_p_z.float().to(r_ids.device), r_ids.size(2))
+        answers = reader.generate(r_ids, r_mask, memory_bias=bias, **kwargs)
+    if getattr(qa, "complete_words", False):
+        answers = complete_words(answers, r_ids, tok.continuation_ids(), tok.eos_id, tok.pad_id)
+    return answers
 
 
 def _candidate(row: list[int], eos_id: int) -> tuple[int, ...]:

@@ -33,9 +33,11 @@ def build_index(biencoder, tok, evidence, out_dir: str, model_step: int = 0, bat
                 extra: Optional[dict] = None) -> str:
     """Embed every passage with the context tower and publish an index version at ``out_dir``
     (collective over ``group``), its manifest recording the tower's fingerprint and ``extra``.
+    A tensor-parallel tower's group embeds each slice of the evidence together (``embed_evidence``).
     Returns ``out_dir``."""
     from megatron.emdr2.index.embed import embed_evidence
     from megatron.emdr2.index.fingerprint import tower_fingerprint
+    from megatron.emdr2.models.tp_state import tensor_parallel_group
 
     tower = biencoder.context_encoder
     was_training = tower.training
@@ -49,7 +51,8 @@ def build_index(biencoder, tok, evidence, out_dir: str, model_step: int = 0, bat
                        evidence.ids, out_dir, batch_size=batch_size, model_step=model_step, group=group,
                        compute_dtype=None if dtype == torch.float32 else dtype, progress=progress,
                        device=param.device,  # where the tower is (still the CPU while models are built)
-                       overwrite=True, extra=extra, fingerprint=tower_fingerprint(tower))
+                       overwrite=True, extra=extra, fingerprint=tower_fingerprint(tower),
+                       tensor_group=tensor_parallel_group(tower))
     finally:
         tower.train(was_training)
     return os.fspath(out_dir)

@@ -23,7 +23,8 @@ from megatron.emdr2.autocast import autocast
 from megatron.emdr2.config import ConfigError, TrainingConfig
 from megatron.emdr2.training import checkpointing as ckpt
 from megatron.emdr2.training.logging import MetricsLogger
-from megatron.emdr2.training.setup import build_optimizer, build_scheduler, mark_lr_groups, prepare_models
+from megatron.emdr2.training.setup import (build_optimizer, build_scheduler, mark_lr_groups, prepare_models,
+                                           use_fused_adam)
 from megatron.emdr2.training.task import Task, optional
 
 
@@ -177,6 +178,7 @@ class Trainer:
                 f"{ckpt.iteration_dir(c.load, iteration)}: its optimizer state does not fit this run's "
                 f"parameter groups (different lr multipliers or frozen parts?): {str(e).splitlines()[0]}; "
                 f"pass --finetune to load the weights only") from None
+        use_fused_adam(self.optimizer)
         if distributed:
             saved_dp = ckpt.load_optimizer_shards(self.optimizer, model_state["distributed_optimizer"], where)
             if saved_dp is not None and saved_dp != self.dp_size:
