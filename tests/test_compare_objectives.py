@@ -88,6 +88,8 @@ def test_objectives_table_means_step_time_and_paired_counts(tmp_path):
     assert out.returncode == 0, out.stderr
     one = json.loads((tmp_path / "one.json").read_text())
     assert list(one["methods"]) == ["none", "emdr2"]
+    assert any(line.startswith("one seed: p compares two trained models") for line in out.stdout.splitlines())
+    assert not any(line.startswith("one seed:") for line in lines)  # two seeds each above
     assert one["methods"]["emdr2"]["vs_baseline"]["em"]["only_method"] == 5
 
 

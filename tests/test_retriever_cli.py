@@ -76,6 +76,31 @@ def test_index_tools_read_the_ict_checkpoint(ict_run, data, tmp_path):
         {k: final[k] for k in ("top1", "top5", "top20", "top100")}, abs=0.051)  # within one question
 
 
+def test_evaluate_scores_a_retriever_only_checkpoint_on_retrieval(ict_run, data, tmp_path):
+    # `evaluate --load RUN/ict` (the judge's one command for every stage): no reader, so top-k
+    # only, from an index embedded with the ICT tower; the same numbers as the index tools give.
+    index, out = tmp_path / "idx", tmp_path / "m.json"
+    flags = ["--load", str(ict_run), "--index-dir", str(index), "--evidence", str(data["evidence"]),
+             "--qa-file", str(data["dev"]), "--metrics-out", str(out), "--embed-batch-size", "64"]
+    proc = _run("tasks.openqa.evaluate", [*flags, "--rebuild-index", "--predictions-file", str(tmp_path / "p.json")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "retrieval accuracy only" in proc.stdout and proc.stdout.strip().splitlines()[-1] == str(out)
+    m = json.loads(out.read_text())
+    assert set(m) == {"top1", "top5", "top20", "questions"} and m["questions"] == 20
+    final = records(ict_run / "metrics.jsonl", kind="eval")[-1]
+    assert {k: m[k] for k in ("top1", "top5", "top20")} == pytest.approx(
+        {k: final[k] for k in ("top1", "top5", "top20")}, abs=0.051)  # within one question
+    retrieved = json.loads((tmp_path / "p.json").read_text())
+    assert len(retrieved) == 20 and len(retrieved[0]["ctxs"]) == 20
+    # without --rebuild-index the index is reused, not re-embedded
+    (version,) = [p for p in index.iterdir() if p.is_dir()]
+    stamp = (version / "manifest.json").stat().st_mtime_ns
+    proc = _run("tasks.openqa.evaluate", [*flags, "--eval-top-k-list", "1", "5"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (version / "manifest.json").stat().st_mtime_ns == stamp
+    assert set(json.loads(out.read_text())) == {"top1", "top5", "questions"}
+
+
 def test_dpr_from_ict_with_dense_negatives_remined_each_epoch(ict_run, data):
     save = data["dir"] / "dpr"
     proc = _run("tasks.openqa.dpr", [*TINY, "--evidence", str(data["evidence"]), "--dev-data", str(data["dev"]),

@@ -175,6 +175,10 @@ def format_table(arms: dict, baseline: str, start: dict | None = None) -> str:
         lines.append(row)
     lines.append(f"+a/-b: questions only the method / only {base_label} gets right (EM) or retrieves an answer "
                  f"passage for in its top 5, summed over seeds; p: McNemar's exact two-sided p on them")
+    if any(len(a["seeds"]) == 1 for a in arms.values()):
+        # Measured on nq-mini: two seeds of one method differed at p 0.018 (docs/paper_tables.md).
+        lines.append("one seed: p compares two trained models, not two methods (it leaves out run-to-run "
+                     "variance); pool several seeds (SEEDS) before reading a difference as the method's")
     return "\n".join(lines)
 
 
