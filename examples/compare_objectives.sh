@@ -21,7 +21,9 @@
 #   individual-topk  the reader reads each passage alone, -log sum_k p(a|q,z_k) p(z_k|q)
 #   joint-topk       FiD with log p(z_k|q) added to the decoder's cross-attention logits
 # Knobs: STEPS (300), SEEDS ("1"), METHODS (all), START, RUN (runs/objectives-<time>), TOP_K (4),
-# HARD_EM_AFTER; ICT_STEPS / MSS_STEPS are passed to the study when it builds the start; DATA=<dir
+# HARD_EM_AFTER; CONTINUE=1 adds methods or seeds to an existing RUN (arms with results are kept,
+# the table covers this call's METHODS and SEEDS; START, STEPS, TOP_K, HARD_EM_AFTER and DATA must
+# be the run's, as recorded in RUN/settings); ICT_STEPS / MSS_STEPS are passed to the study when it builds the start; DATA=<dir
 # with evidence.tsv, train.tsv, dev.tsv> replaces data/nq-mini (smoke tests). Model sizes and input
 # lengths come from the start's MSS checkpoint; a start with one shared tower (the unsupervised
 # study's) trains it and refreshes the index every 25 steps, a start with two towers (the
@@ -51,10 +53,16 @@ for f in evidence.tsv train.tsv dev.tsv; do [[ -f "$D/$f" ]] || err "$D/$f: no s
 if [[ -n "${START:-}" ]]; then
   [[ -f "$START/mss/latest" ]] || err "START=$START: $START/mss/latest: no such file (need a run with an MSS checkpoint)"
 fi
+SETTINGS="START=${START:-} STEPS=$STEPS TOP_K=$TOP_K HARD_EM_AFTER=$HARD_EM_AFTER DATA=$D"
 if [[ -d "$RUN" && -n "$(ls -A "$RUN")" ]]; then
-  err "$RUN already holds a run; choose another RUN=<dir>"
+  [[ -n "${CONTINUE:-}" ]] || err "$RUN already holds a run; choose another RUN=<dir> (or CONTINUE=1 to add methods or seeds to it)"
+  if [[ -f "$RUN/settings" && "$(cat "$RUN/settings")" != "$SETTINGS" ]]; then
+    err "CONTINUE: $RUN was run with '$(cat "$RUN/settings")', not '$SETTINGS'"
+  fi
+  if [[ -z "${START:-}" && -f "$RUN/start/mss/latest" ]]; then START=$RUN/start; fi  # the start it built
 fi
 mkdir -p "$RUN"
+[[ -f "$RUN/settings" ]] || echo "$SETTINGS" > "$RUN/settings"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)} PYTHONWARNINGS=ignore
 T0=$(date +%s)
 stage() { echo; echo "=== [$(( $(date +%s) - T0 ))s] $*"; }
@@ -147,6 +155,10 @@ FAILED=()
 for seed in $SEEDS; do
   for m in $METHODS; do
     name=$m-seed$seed
+    if [[ -n "${CONTINUE:-}" && -f "$RUN/$name.dev.json" && -f "$RUN/$name.dev_predictions.jsonl" ]]; then
+      echo "$name: kept from the earlier call (CONTINUE=1)"
+      continue
+    fi
     t=$(date +%s)
     log=$RUN/$name.log
     # shellcheck disable=SC2046  # method_flags prints flags to split

@@ -196,3 +196,17 @@ def test_compare_objectives_end_to_end_tiny(tmp_path, nq_mini):
     again = json.loads((tmp_path / "run2" / "objectives_table.json").read_text())
     assert again["methods"]["none"]["seeds"]["1"]["questions"] == 16 and again["methods"]["hard-em-mml"]["seeds"] == {}
     assert not (tmp_path / "run2" / "start").exists()  # the given start was used, not rebuilt
+
+    # CONTINUE=1 adds a method to run2: the baseline arm is kept, not retrained; other settings refused
+    kept = (tmp_path / "run2" / "none-seed1.dev.json").stat().st_mtime_ns
+    out = _script(tmp_path, RUN=tmp_path / "run2", START=run / "start", DATA=data, STEPS=2, METHODS="hard-em",
+                  HARD_EM_AFTER=-1, CONTINUE=1)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "none-seed1: kept from the earlier call" in out.stdout
+    assert (tmp_path / "run2" / "none-seed1.dev.json").stat().st_mtime_ns == kept
+    added = json.loads((tmp_path / "run2" / "objectives_table.json").read_text())
+    assert list(added["methods"]) == ["none", "hard-em"] and added["methods"]["hard-em"]["seeds"]["1"]["questions"] == 16
+    out = _script(tmp_path, RUN=tmp_path / "run2", START=run / "start", DATA=data, STEPS=3, METHODS="hard-em",
+                  CONTINUE=1)
+    assert out.returncode == 2 and "CONTINUE: " in out.stderr and "STEPS=2" in out.stderr, out.stderr
+    assert out.stderr.startswith("compare_objectives: error: ") and len(out.stderr.strip().splitlines()) == 1
