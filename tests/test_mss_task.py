@@ -2,6 +2,7 @@
 passage (directly and during training), and the command line pre-trains, evaluates and hands its
 checkpoint to EMDR² fine-tuning."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -25,7 +26,7 @@ def fresh_port(monkeypatch):
     monkeypatch.setenv("MASTER_PORT", str(free_port()))
 
 
-def _task(tmp_path, evidence_rows=80, top_k=4):
+def _task(tmp_path, evidence_rows=80, top_k=4, source="skip"):
     from megatron.emdr2.config import BatchConfig, ModelSize, ScheduleConfig, TrainingConfig
     from megatron.emdr2.data.evidence import load_evidence
     from megatron.emdr2.data.mss import MSSDataset, SentenceFile, split_tail
@@ -51,7 +52,7 @@ def _task(tmp_path, evidence_rows=80, top_k=4):
     refresh = RefreshConfig(index_dir=str(tmp_path / "index"), interval=1, embed_batch_size=64)
     dev = masked_dev_examples(MSSDataset(sentences, dev_rows, seed=3), limit=8)
     return MSSTask(qa, cfg, MSSDataset(sentences, train_rows, seed=3, max_spans=2), dev, evidence, rtok, tok,
-                   refresh), cfg
+                   refresh, source=source), cfg
 
 
 def test_retrieval_never_returns_the_source_passage(tmp_path, fresh_port):
@@ -102,6 +103,88 @@ def test_retrieval_never_returns_the_source_passage(tmp_path, fresh_port):
         initialize.shutdown()
 
 
+def test_retrieve_source_lets_training_sentences_find_their_passage_but_not_held_out_ones(tmp_path, fresh_port):
+    from megatron.emdr2 import initialize
+    from megatron.emdr2.training.loop import Trainer
+
+    initialize.initialize(1, 1, seed=3)
+    try:
+        task, cfg = _task(tmp_path, source="retrieve")
+        models = task.build_models()
+        n = len(task.evidence.ids)
+        batch = task.make_batch(list(range(0, len(task.train_examples), 7)))
+        assert batch.exclude_ids is None
+        sources = [e.doc_id for e in (task.train_examples.example(i, 0)
+                                      for i in range(0, len(task.train_examples), 7))]
+        with torch.no_grad():
+            _, ids, _ = task.retrieve(models["biencoder"], batch, n)
+        assert all(src in row for src, row in zip(sources, ids.tolist()))  # nothing is skipped
+
+        seen = []
+        retrieve = task.retrieve
+
+        def recording_retrieve(biencoder, b, k, grad=True):
+            out = retrieve(biencoder, b, k, grad)
+            seen.append((out[1].clone(), None if b.exclude_ids is None else b.exclude_ids.clone()))
+            return out
+
+        task.retrieve = recording_retrieve
+        Trainer(task, cfg).train()
+        task.close()
+        assert len(seen) == 3 and seen[0][1] is None and seen[1][1] is None
+        ids, exclude = seen[2]  # the held-out evaluation keeps skipping the source
+        assert exclude is not None and (ids.unsqueeze(-1) == exclude.unsqueeze(1)).sum() == 0
+    finally:
+        initialize.shutdown()
+
+
+def test_read_source_puts_each_training_sentences_passage_among_the_k_read(tmp_path, fresh_port):
+    from megatron.emdr2 import initialize
+    from megatron.emdr2.openqa.emdr2_task import with_required_passages
+    from megatron.emdr2.training.loop import Trainer
+
+    # The required id replaces the lowest-ranked one, and only where retrieval missed it.
+    ids = torch.tensor([[5, 6, 7], [8, 9, 10]])
+    assert with_required_passages(ids, torch.tensor([6, 11])).tolist() == [[5, 6, 7], [8, 9, 11]]
+    assert ids.tolist() == [[5, 6, 7], [8, 9, 10]]  # the input is left alone
+
+    initialize.initialize(1, 1, seed=3)
+    try:
+        task, cfg = _task(tmp_path, top_k=2, source="read")
+        models = task.build_models()
+        picks = list(range(0, len(task.train_examples), 7))
+        sources = [task.train_examples.example(i, 0).doc_id for i in picks]
+        batch = task.make_batch(picks)
+        assert batch.exclude_ids is None and batch.include_ids.tolist() == sources
+        models["biencoder"].eval()  # no dropout: both searches see the same query embeddings
+        with torch.no_grad():
+            _, plain, _ = task.retrieve(models["biencoder"], dataclasses.replace(batch, include_ids=None), 2)
+            _, ids, _ = task.retrieve(models["biencoder"], batch, 2)
+        assert any(src not in row for src, row in zip(sources, plain.tolist()))  # a tiny random tower misses some
+        for src, row, before in zip(sources, ids.tolist(), plain.tolist()):
+            assert src in row and row[0] == before[0]  # the source is read; the best hit stays
+        models["biencoder"].train()
+
+        seen = []
+        retrieve = task.retrieve
+
+        def recording_retrieve(biencoder, b, k, grad=True):
+            out = retrieve(biencoder, b, k, grad)
+            seen.append((out[1].clone(), b.include_ids, b.exclude_ids))
+            return out
+
+        task.retrieve = recording_retrieve
+        Trainer(task, cfg).train()
+        task.close()
+        assert len(seen) == 3
+        for ids, include, _ in seen[:2]:  # training steps read their sources
+            assert (ids == include.view(-1, 1)).any(dim=1).all()
+        ids, include, exclude = seen[2]  # the held-out evaluation still skips them
+        assert include is None and (ids.unsqueeze(-1) == exclude.unsqueeze(1)).sum() == 0
+    finally:
+        initialize.shutdown()
+
+
 def _mss_flags(tmp_path, evidence, iters):
     return [*TINY_OPENQA, "--mss-data", str(SENTENCES), "--mss-dev-sentences", "24", "--mss-max-spans", "2",
             "--evidence", str(evidence), "--index-dir", str(tmp_path / "mss-index"), "--top-k", "4",
@@ -142,9 +225,12 @@ def test_mss_command_then_emdr2_from_its_checkpoint(tmp_path):
         "--evidence", str(evidence), "--index-dir", str(tmp_path / "ft-index"), "--top-k", "4",
         "--global-batch-size", "4", "--micro-batch-size", "2", "--train-iters", "1",
         "--retriever-load", str(tmp_path / "mss"), "--reader-load", str(tmp_path / "mss"),
-        "--metrics-file", str(tmp_path / "ft.jsonl")])
+        "--metrics-file", str(tmp_path / "ft.jsonl"), "--stop-at-repeated-word", "--save", str(tmp_path / "ft")])
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert len(records(tmp_path / "ft.jsonl")) == 1
+    # How the run decoded is recorded, so a plain `evaluate --load` decodes the same way.
+    assert load_checkpoint_meta(str(tmp_path / "ft"))["stop_at_repeated_word"] is True
+    assert meta["stop_at_repeated_word"] is False
 
     # A bad sentence file is reported in one line before training.
     bad = tmp_path / "bad.jsonl"

@@ -103,6 +103,10 @@ def add_openqa_args(parser: argparse.ArgumentParser, retriever: ModelSize = RETR
     g.add_argument("--complete-words", action=argparse.BooleanOptionalAction, default=False,
                    help="complete a decoded answer that stops inside a word of the passage it was "
                         "copied from to that word's end (megatron/emdr2/openqa/word_completion.py)")
+    g.add_argument("--stop-at-repeated-word", action=argparse.BooleanOptionalAction, default=False,
+                   help="cut a decoded answer before its first repeated word, where a copy-head reader "
+                        "went on copying past the answer ('kelly reno ( reno' -> 'kelly reno'; "
+                        "megatron/emdr2/openqa/repeated_words.py)")
     g.add_argument("--predictions-file", default=None,
                    help="JSON lines of dev predictions ({iteration} is replaced)")
     g.add_argument("--eval-top-k-list", type=int, nargs="+", default=[1, 5, 20], metavar="K",
@@ -297,6 +301,7 @@ def qa_config(args):
         eval_max_questions=args.eval_max_questions, eval_batch_size=args.eval_batch_size,
         num_beams=args.num_beams, no_repeat_ngram_size=getattr(args, "no_repeat_ngram_size", 0),
         complete_words=bool(getattr(args, "complete_words", False)),
+        stop_at_repeated_word=bool(getattr(args, "stop_at_repeated_word", False)),
         predictions_file=args.predictions_file,
         train_answer=getattr(args, "train_answer", "first"),
         eval_top_k=tuple(dict.fromkeys(getattr(args, "eval_top_k_list", None) or (1, 5, 20))),
@@ -398,7 +403,7 @@ def add_inference_args(parser: argparse.ArgumentParser) -> None:
     # plain `evaluate --load RUN` measures what the run measured (its --reader-mode too); else
     # 50 / 0 / 1 / fid.
     parser.set_defaults(top_k=None, no_repeat_ngram_size=None, num_beams=None, reader_mode=None,
-                        complete_words=None)
+                        complete_words=None, stop_at_repeated_word=None)
     add_reader_input_args(parser)
     parser.add_argument("--load", required=True,
                         help="EMDR²/MSS checkpoint directory (its best iteration, else latest)")
@@ -444,7 +449,7 @@ def load_for_inference(args):
             if key in meta:  # inputs shaped as in training
                 setattr(args, key, meta[key])
     for key, fallback in (("top_k", 50), ("no_repeat_ngram_size", 0), ("num_beams", 1), ("reader_mode", "fid"),
-                          ("complete_words", False),
+                          ("complete_words", False), ("stop_at_repeated_word", False),
                           *READER_CONTEXT_DEFAULTS.items()):
         if getattr(args, key, None) is None:  # not given: as the run did (or the original, converted)
             setattr(args, key, meta.get(key, fallback))

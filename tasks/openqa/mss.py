@@ -53,6 +53,11 @@ def build_parser() -> ArgumentParser:
                    help="mask only entities the annotations name in at least this many passages "
                         "(2: somewhere besides the source, which retrieval skips; training and "
                         "held-out sentences alike)")
+    g.add_argument("--mss-source", default="skip", choices=("skip", "retrieve", "read"),
+                   help="the passage a training sentence was taken from: skip (never retrieved, the default), "
+                        "retrieve (retrieval may find it), read (always among the K passages the reader reads, "
+                        "in place of the lowest-ranked one: a reader beside a weak retriever sees the masked "
+                        "span and learns to copy it); held-out sentences always skip it")
     return parser
 
 
@@ -105,7 +110,8 @@ def make_task(args, cfg):
     rtok, tok = common.tokenizers(args)
     evidence = load_evidence(args.evidence)
     train, dev = mss_datasets(args, cfg.seed, evidence)
-    return MSSTask(common.qa_config(args), cfg, train, dev, evidence, rtok, tok, common.refresh_config(args))
+    return MSSTask(common.qa_config(args), cfg, train, dev, evidence, rtok, tok, common.refresh_config(args),
+                   source=args.mss_source)
 
 
 def main(argv=None):

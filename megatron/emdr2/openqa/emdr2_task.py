@@ -68,6 +68,7 @@ class OpenQAConfig:
     num_beams: int = 1
     no_repeat_ngram_size: int = 0
     complete_words: bool = False  # --complete-words (word_completion.py)
+    stop_at_repeated_word: bool = False  # --stop-at-repeated-word (repeated_words.py)
     predictions_file: Optional[str] = None
     # Which gold answer a training question is taught: "first" (answers[0], always the same) or
     # "random" (the original's: a gold answer drawn afresh each time the question is drawn).
@@ -105,6 +106,7 @@ class QABatch:
     label_mask: torch.Tensor
     decoder_ids: torch.Tensor
     exclude_ids: Optional[torch.Tensor] = None  # [B, E] passage ids never to retrieve (-1 = none)
+    include_ids: Optional[torch.Tensor] = None  # [B] a passage each row must read (MSS's source)
 
     def to(self, device) -> "QABatch":
         """The batch with its tensors on ``device`` (batches are built on the CPU)."""
@@ -119,6 +121,17 @@ def _tensor_parallel_rank(tp: int) -> int:
     from megatron.core import parallel_state
 
     return parallel_state.get_tensor_model_parallel_rank()
+
+
+def with_required_passages(ids: torch.Tensor, required: torch.Tensor) -> torch.Tensor:
+    """[B, k] retrieved ids where each row's ``required`` id replaces the lowest-ranked one unless
+    retrieval already found it. The retriever still scores the row afresh, so its objective sees
+    the required passage like any other (the index score returned beside it is left stale)."""
+    required = required.to(ids.device).view(-1, 1)
+    missing = ~(ids == required).any(dim=1)
+    ids = ids.clone()
+    ids[missing, -1] = required[missing, 0]
+    return ids
 
 
 def module_device(module: torch.nn.Module) -> torch.device:
@@ -339,6 +352,8 @@ class OpenQATask:
         q_emb = biencoder.embed_queries(batch.query_ids.to(dev), batch.query_mask.to(dev))
         index_scores, ids = search_excluding(self.index_manager.index, q_emb.detach().float(), k,
                                              batch.exclude_ids)
+        if batch.include_ids is not None:
+            ids = with_required_passages(ids, batch.include_ids)
         return q_emb, ids, index_scores
 
     def passages(self, ids: torch.Tensor) -> list[list[tuple[str, str]]]:
@@ -468,7 +483,8 @@ class OpenQATask:
                 "reader_context": self.qa.reader_context, "reader_format": self.qa.reader_format,
                 # how this run decoded its dev answers: evaluate/answer default to the same
                 "no_repeat_ngram_size": self.qa.no_repeat_ngram_size, "num_beams": self.qa.num_beams,
-                "complete_words": self.qa.complete_words}
+                "complete_words": self.qa.complete_words,
+                "stop_at_repeated_word": self.qa.stop_at_repeated_word}
 
     def state_dict(self) -> dict:
         return {"index_version": self.index_manager.version if self.index_manager else None,

@@ -2,7 +2,10 @@
 
 The EMDR² fine-tuning task with other examples: the query is an evidence sentence whose salient
 spans are masked (``data/mss.py``), the reader generates the masked spans in sentinel format,
-and retrieval skips the passage the sentence was taken from (``exclude_ids``). Retrieval,
+and retrieval skips the passage the sentence was taken from (``exclude_ids``). ``source`` changes
+that for training sentences: "retrieve" lets retrieval find it, "read" puts it among the K passages
+the reader reads (in place of the lowest-ranked one), so a reader that starts beside a weak retriever
+sees the masked span and learns to copy it; held-out sentences always skip it. Retrieval,
 re-scoring, the joint objective and the index refresh (synchronous, or by indexer ranks) are
 OpenQATask's, unchanged.
 
@@ -25,10 +28,16 @@ from megatron.emdr2.data.mss import (MaskedSentence, MSSDataset, mss_query_input
 from megatron.emdr2.openqa.emdr2_task import OpenQAConfig, OpenQATask, QABatch
 
 
+SOURCE_MODES = ("skip", "retrieve", "read")  # what training sentences do with their own passage
+
+
 class MSSTask(OpenQATask):
     def __init__(self, qa_cfg: OpenQAConfig, cfg, train: MSSDataset, dev_examples: Sequence[MaskedSentence],
-                 evidence, retriever_tok, reader_tok, refresh):
+                 evidence, retriever_tok, reader_tok, refresh, source: str = "skip"):
         super().__init__(qa_cfg, cfg, train, list(dev_examples), evidence, retriever_tok, reader_tok, refresh)
+        if source not in SOURCE_MODES:
+            raise ValueError(f"source must be one of {SOURCE_MODES}, got {source!r}")
+        self.source = source
         self._iteration = 0  # optimizer steps done: gives the sampler's epoch (masks change per epoch)
 
     # ------------------------------------------------------------------ data
@@ -43,17 +52,18 @@ class MSSTask(OpenQATask):
 
     def make_batch(self, indices: Sequence[int]) -> QABatch:
         epoch = self.epoch()
-        return self._qa_batch([self.train_examples.example(int(i), epoch) for i in indices])
+        return self._qa_batch([self.train_examples.example(int(i), epoch) for i in indices], source=self.source)
 
-    def _qa_batch(self, examples: Sequence[MaskedSentence], targets=None) -> QABatch:
+    def _qa_batch(self, examples: Sequence[MaskedSentence], targets=None, source: str = "skip") -> QABatch:
         # `targets` (the answer strings OpenQATask would train on) is unused: MSS trains on the
         # sentinel-formatted spans of each example.
         q_ids, q_mask = mss_query_inputs(self.rtok, [e.question for e in examples], self.qa.query_max_len)
         labels, label_mask = mss_targets(self.tok, [e.spans for e in examples], self.qa.answer_max_len)
         dec = decoder_inputs(labels, label_mask, self.tok.bos_id, self.tok.pad_id)
-        exclude = torch.tensor([[e.doc_id] for e in examples], dtype=torch.long)
+        doc_ids = torch.tensor([e.doc_id for e in examples], dtype=torch.long)
         return QABatch([e.question for e in examples], [e.answers for e in examples], q_ids, q_mask,
-                       labels, label_mask, dec, exclude)
+                       labels, label_mask, dec, exclude_ids=doc_ids[:, None] if source == "skip" else None,
+                       include_ids=doc_ids if source == "read" else None)
 
     def reader_inputs(self, questions: list[str], passages: list[list[tuple[str, str]]]):
         pairs = [mss_reader_inputs(self.tok, q, ps, self.qa.reader_max_len) for q, ps in zip(questions, passages)]

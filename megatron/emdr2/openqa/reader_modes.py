@@ -28,6 +28,7 @@ import torch
 
 from megatron.emdr2.data.inputs import decoder_inputs
 from megatron.emdr2.objectives import ObjectiveConfig, retriever_log_probs
+from megatron.emdr2.openqa.repeated_words import punctuation_ids, stop_at_repeated_word
 from megatron.emdr2.openqa.word_completion import complete_words
 
 
@@ -84,6 +85,9 @@ def generate_answers(qa, tok, reader, r_ids: torch.Tensor, r_mask: torch.Tensor,
         answers = reader.generate(r_ids, r_mask, memory_bias=bias, **kwargs)
     if getattr(qa, "complete_words", False):
         answers = complete_words(answers, r_ids, tok.continuation_ids(), tok.eos_id, tok.pad_id)
+    if getattr(qa, "stop_at_repeated_word", False):
+        answers = stop_at_repeated_word(answers, tok.continuation_ids(), punctuation_ids(tok), tok.eos_id,
+                                        tok.pad_id)
     return answers
 
 
