@@ -28,8 +28,12 @@ MIB = 2 ** 20
 REL_TOL, ABS_TOL = 0.05, 4 * MIB  # allocator and library workspace (GEMM packing, gloo) slack
 
 
-def _within(measured, predicted):
-    return abs(measured - predicted) <= REL_TOL * predicted + ABS_TOL
+def _within(measured, predicted, threads=1):
+    # GEMM packing buffers are per thread, so a process searching with 2 threads gets the slack
+    # twice: the 2-thread single process measured +9.3 MiB over its 81.4 MiB layout on one of our
+    # machines (within 4 MiB on another), while each 1-thread rank stayed within 5 MiB. A slice
+    # held twice, or in fp32, adds 29 MiB there and still fails.
+    return abs(measured - predicted) <= REL_TOL * predicted + ABS_TOL * threads
 
 
 def test_measured_memory_matches_layout_and_results_match_single_process(tmp_path):
@@ -53,7 +57,7 @@ def test_measured_memory_matches_layout_and_results_match_single_process(tmp_pat
         assert m["anon_growth"] <= p["buffer_bytes"] + ABS_TOL, report
 
     single = res["single"]
-    assert _within(single["rss_growth"], single["predicted"]["bytes"]), report
+    assert _within(single["rss_growth"], single["predicted"]["bytes"], threads=2), report
 
     check = res["check"]
     assert check["ok"] and check["identical_ids"], check

@@ -320,7 +320,7 @@ def test_per_passage_likelihood_equals_separate_single_passage_runs(tmp_path):
     assert not tok.requires_grad
     assert (tok - separate).abs().max().item() <= 1e-4
     assert torch.allclose(seq, separate.sum(-1), atol=1e-4)
-    assert (tok_chunked - tok).abs().max() <= 1e-5
+    assert (tok_chunked - tok).abs().max() <= 5e-5  # fp32 GEMMs of other shapes round differently
     assert (tok[1, :, 3:] == 0).all()
     assert separate.std() > 0.1  # the passages give different likelihoods
 
