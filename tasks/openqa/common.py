@@ -54,6 +54,13 @@ def add_openqa_args(parser: argparse.ArgumentParser, retriever: ModelSize = RETR
     g.add_argument("--retriever-lr-mult", type=float, default=1.0,
                    help="the retriever's learning rate is --lr times this (a pretrained retriever "
                         "often wants a gentler rate than a fresh reader)")
+    g.add_argument("--retriever-anchor-weight", type=float, default=0.0,
+                   help="add this times the mean squared change of the retrieval scores (centred per question) "
+                        "of the passages the starting query tower ranks --top-k + 1 .. "
+                        "--retriever-anchor-depth: keeps the ranking below the K the reader reads from "
+                        "drifting (0: off; docs/objectives.md)")
+    g.add_argument("--retriever-anchor-depth", type=int, default=100,
+                   help="the deepest starting rank the --retriever-anchor-weight term holds")
     g.add_argument("--reader-encoder-lr-mult", type=float, default=1.0,
                    help="the reader encoder's (and embeddings') learning rate is --lr times this "
                         "(a pretrained encoder under a fresh decoder)")
@@ -262,6 +269,15 @@ def check_openqa_args(args, cfg: TrainingConfig, prog: str) -> None:
                         ("--reader-encoder-lr-mult", args.reader_encoder_lr_mult)):
         if value <= 0:
             fail(f"{flag} must be > 0 (freeze with the --freeze-* flags instead)", prog)
+    if args.retriever_anchor_weight < 0:
+        fail("--retriever-anchor-weight must be >= 0", prog)
+    if args.retriever_anchor_weight > 0:
+        if args.freeze_query_tower or args.retriever_objective == "none":
+            fail("--retriever-anchor-weight needs a query tower that trains (not --freeze-query-tower "
+                 "or --retriever-objective none)", prog)
+        if args.retriever_anchor_depth < args.top_k + 2:
+            fail(f"--retriever-anchor-depth {args.retriever_anchor_depth} must be at least --top-k + 2 = "
+                 f"{args.top_k + 2} (the anchor holds the passages ranked below the top K)", prog)
     for flag, length, limit_flag, limit in (
             ("--reader-max-len", args.reader_max_len, "--reader-seq-length", args.reader_seq_length),
             ("--context-max-len", args.context_max_len, "--retriever-seq-length", args.retriever_seq_length),
@@ -293,6 +309,8 @@ def qa_config(args):
         freeze_reader_encoder=getattr(args, "freeze_reader_encoder", False),
         retriever_lr_mult=getattr(args, "retriever_lr_mult", 1.0),
         reader_encoder_lr_mult=getattr(args, "reader_encoder_lr_mult", 1.0),
+        anchor_weight=getattr(args, "retriever_anchor_weight", 0.0) or 0.0,
+        anchor_depth=getattr(args, "retriever_anchor_depth", 100),
         retriever_load=args.retriever_load, reader_load=args.reader_load,
         retriever_bert_load=getattr(args, "retriever_bert_load", None),
         reader_bert_load=getattr(args, "reader_bert_load", None),

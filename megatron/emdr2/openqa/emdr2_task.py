@@ -35,6 +35,7 @@ from megatron.emdr2.objectives import ObjectiveConfig, joint_loss
 from megatron.emdr2.openqa import builders, reader_modes
 from megatron.emdr2.openqa.index_refresh import IndexManager, RefreshConfig
 from megatron.emdr2.openqa.retrieval import build_index, search_excluding
+from megatron.emdr2.openqa.retriever_anchor import RetrieverAnchor
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,9 @@ class OpenQAConfig:
     freeze_reader_encoder: bool = False
     retriever_lr_mult: float = 1.0
     reader_encoder_lr_mult: float = 1.0
+    # --retriever-anchor-weight/-depth: hold the starting query tower's ranking (retriever_anchor.py)
+    anchor_weight: float = 0.0
+    anchor_depth: int = 100
     retriever_load: Optional[str] = None
     reader_load: Optional[str] = None
     retriever_bert_load: Optional[str] = None  # HF BERT dir or converted tower, into both towers
@@ -154,11 +158,17 @@ class OpenQATask:
 
             raise ConfigError(f"--top-k {qa_cfg.top_k} is more than the {len(evidence)} passages of the evidence "
                               f"{evidence.path}")
+        if evidence is not None and qa_cfg.anchor_weight > 0 and qa_cfg.anchor_depth > len(evidence):
+            from megatron.emdr2.config import ConfigError
+
+            raise ConfigError(f"--retriever-anchor-depth {qa_cfg.anchor_depth} is more than the {len(evidence)} "
+                              f"passages of the evidence {evidence.path}")
         self.rtok, self.tok = retriever_tok, reader_tok
         self.refresh_cfg = refresh
         self.index_manager: Optional[IndexManager] = None
         self._biencoder = None
         self._frozen_contexts: dict[int, torch.Tensor] = {}  # passage id -> embedding (frozen tower)
+        self._anchor: Optional[RetrieverAnchor] = None
         self._iteration = 0  # optimizer steps done (checkpointed): keys the "random" answer draws
         self.test_sets, self.test_out_dir = list(test_sets), test_out_dir
         # This training run, written in the manifests of the index versions it builds: on a resume
@@ -203,6 +213,11 @@ class OpenQATask:
             builders.bert_into_reader_encoder(reader, tower, self.qa.reader_bert_load)
         if self.qa.freeze_reader_encoder:
             reader.freeze_encoder()
+        if self.qa.anchor_weight > 0:
+            # Taken before a resume replaces the weights: the anchor is always the run's start.
+            start = builders.build_tower(self.qa.retriever, self.rtok.vocab_size, p, tp)
+            start.load_state_dict(biencoder.query_tower.state_dict())
+            self._anchor = RetrieverAnchor(start, self.qa.anchor_weight, self.qa.anchor_depth, self.qa.top_k)
         self._biencoder = biencoder
         self._start_index(biencoder)
         return {"biencoder": biencoder, "reader": reader}
@@ -404,6 +419,23 @@ class OpenQATask:
         out = torch.stack([self._frozen_contexts[i] for i in flat_ids]).view(*ids.shape, -1)
         return out.to(module_device(biencoder))
 
+    def _context_embeddings_no_grad(self, biencoder, ids: torch.Tensor) -> torch.Tensor:
+        """[B, N, H] passage embeddings without gradient: from the frozen tower's cache, or the
+        current context tower in eval mode."""
+        passages = self.passages(ids)
+        if biencoder.freeze_context:
+            return self._frozen_context_embeddings(biencoder, ids, passages)
+        c_ids, c_mask = encode_context(self.rtok, [p for ps in passages for p in ps], self.qa.context_max_len,
+                                       pad_to="longest")
+        tower = biencoder.context_encoder
+        was_training = tower.training
+        tower.eval()
+        dev = module_device(tower)
+        with torch.no_grad():
+            emb = tower(c_ids.to(dev), c_mask.to(dev))
+        tower.train(was_training)
+        return emb.view(*ids.shape, -1)
+
     def forward_step(self, models, batch: QABatch):
         biencoder, reader = models["biencoder"], models["reader"]
         batch = batch.to(module_device(reader))  # built on the CPU by make_batch
@@ -433,9 +465,16 @@ class OpenQATask:
                          None if reader_nll is None else reader_nll.to(dev), step=self._iteration)
         p_top1 = out.log_p_z.exp()[:, 0].mean()
         metrics = {"reader_loss": out.reader_loss, "retriever_loss": out.retriever_loss, "p_top1": p_top1}
+        loss = out.loss
+        if self._anchor is not None:
+            anchor = self._anchor.loss(biencoder, batch.query_ids, batch.query_mask, q_emb, self.index_manager.index,
+                                       lambda top: self._context_embeddings_no_grad(biencoder, top),
+                                       batch.exclude_ids)
+            loss = loss + anchor.to(loss.device)
+            metrics["anchor_drift"] = anchor.detach() / self._anchor.weight
         if self.qa.objective.retriever_objective == "hard-em":  # 0 during --hard-em-after-steps' MML phase
             metrics["hard_em"] = float(self.qa.objective.effective_objective(self._iteration) == "hard-em")
-        return out.loss, metrics
+        return loss, metrics
 
     # ------------------------------------------------------------------ hooks
     def lr_multipliers(self) -> dict:
