@@ -8,6 +8,7 @@ import dataclasses
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from openqa_helpers import NQ_MINI, ROOT, TINY_OPENQA, env, small_evidence
@@ -16,8 +17,9 @@ from test_mss_task import _task, fresh_port  # noqa: F401  (fixture)
 
 def _anchored(tmp_path, weight=1.0, depth=10, **changes):
     task, cfg = _task(tmp_path)
-    task.qa = dataclasses.replace(task.qa, shared_towers=False, freeze_context_tower=True,
-                                  anchor_weight=weight, anchor_depth=depth, **changes)
+    changes = {"freeze_context_tower": True, **changes}
+    task.qa = dataclasses.replace(task.qa, shared_towers=False, anchor_weight=weight, anchor_depth=depth,
+                                  **changes)
     return task, cfg
 
 
@@ -28,12 +30,16 @@ def _anchor_term(task, models, batch):
                              lambda top: task._context_embeddings_no_grad(biencoder, top), batch.exclude_ids)
 
 
-def test_zero_at_the_start_then_grows_and_trains_the_query_tower_only(tmp_path, fresh_port):  # noqa: F811
+@pytest.mark.parametrize("frozen_context", [True, False], ids=["frozen-context", "trained-context"])
+def test_zero_at_the_start_then_grows_and_trains_the_query_tower_only(tmp_path, fresh_port,  # noqa: F811
+                                                                     frozen_context):
+    """With a frozen context tower the passages come from its cache; with one that trains, from
+    that tower without gradient: either way only the query tower learns from the term."""
     from megatron.emdr2 import initialize
 
     initialize.initialize(1, 1, seed=3)
     try:
-        task, _ = _anchored(tmp_path)
+        task, _ = _anchored(tmp_path, freeze_context_tower=frozen_context)
         models = task.build_models()
         biencoder = models["biencoder"]
         biencoder.eval()  # no dropout: the live tower computes what its frozen copy does

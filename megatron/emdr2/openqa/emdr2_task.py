@@ -395,6 +395,19 @@ class OpenQATask:
 
     FROZEN_CACHE_ENTRIES = 1_000_000
 
+    def _embed_contexts_eval(self, biencoder, passages) -> torch.Tensor:
+        """[N, H] embeddings of ``passages`` by the context tower in eval mode (as the index was
+        embedded), without gradient."""
+        c_ids, c_mask = encode_context(self.rtok, passages, self.qa.context_max_len, pad_to="longest")
+        tower = biencoder.context_encoder
+        was_training = tower.training
+        tower.eval()
+        dev = module_device(tower)
+        with torch.no_grad():
+            emb = tower(c_ids.to(dev), c_mask.to(dev))
+        tower.train(was_training)
+        return emb
+
     def _frozen_context_embeddings(self, biencoder, ids: torch.Tensor, passages) -> torch.Tensor:
         """[B, K, H] embeddings of a frozen context tower: each passage embedded once (in eval
         mode, as the index was), then reused; a frozen tower would recompute the same vectors."""
@@ -403,15 +416,7 @@ class OpenQATask:
         todo = sorted({i for i in flat_ids if i not in self._frozen_contexts})
         if todo:
             first = {i: flat[flat_ids.index(i)] for i in todo}
-            c_ids, c_mask = encode_context(self.rtok, [first[i] for i in todo], self.qa.context_max_len,
-                                           pad_to="longest")
-            tower = biencoder.context_encoder
-            was_training = tower.training
-            tower.eval()
-            dev = module_device(tower)
-            with torch.no_grad():
-                emb = tower(c_ids.to(dev), c_mask.to(dev))
-            tower.train(was_training)
+            emb = self._embed_contexts_eval(biencoder, [first[i] for i in todo])
             if len(self._frozen_contexts) + len(todo) > self.FROZEN_CACHE_ENTRIES:
                 self._frozen_contexts.clear()  # bounded memory at full scale
             # Kept in host memory: a million cached vectors would not fit beside the model on a GPU.
@@ -425,16 +430,7 @@ class OpenQATask:
         passages = self.passages(ids)
         if biencoder.freeze_context:
             return self._frozen_context_embeddings(biencoder, ids, passages)
-        c_ids, c_mask = encode_context(self.rtok, [p for ps in passages for p in ps], self.qa.context_max_len,
-                                       pad_to="longest")
-        tower = biencoder.context_encoder
-        was_training = tower.training
-        tower.eval()
-        dev = module_device(tower)
-        with torch.no_grad():
-            emb = tower(c_ids.to(dev), c_mask.to(dev))
-        tower.train(was_training)
-        return emb.view(*ids.shape, -1)
+        return self._embed_contexts_eval(biencoder, [p for ps in passages for p in ps]).view(*ids.shape, -1)
 
     def forward_step(self, models, batch: QABatch):
         biencoder, reader = models["biencoder"], models["reader"]
