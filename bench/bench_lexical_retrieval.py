@@ -6,7 +6,8 @@ what an unsupervised retriever of this corpus can reach without any training on 
   tfidf        sparse TF-IDF vectors, cosine similarity
   lsa-<d>      the TF-IDF matrix cut to d dimensions by a truncated SVD; a text is the
                idf-weighted (or plain) mean of its tokens' d-dimensional vectors, scored by
-               cosine or by dot product
+               cosine or by dot product; "normed idf" first centres and normalises each token
+               vector, as the LayerNorm of tools/init_lexical_retriever.py's tower does
 
 A hit is a passage among the first k that contains an answer string (the project's
 `has_answer`, as every top-k here). Prints one row per retriever.
@@ -90,6 +91,12 @@ def main(argv=None):
             results.append((f"lsa-{d} {weighting}", "dot", top_k_accuracy(qv @ xv.T, texts, answers)))
             results.append((f"lsa-{d} {weighting}", "cosine",
                             top_k_accuracy(l2_rows(qv) @ l2_rows(xv).T, texts, answers)))
+        # What tools/init_lexical_retriever.py's tower computes: each token vector centred and
+        # normalised (its LayerNorm), then the idf-weighted mean, scored by cosine.
+        centred = token_vectors - token_vectors.mean(1, keepdims=True)
+        normed = l2_rows(centred)
+        qv, xv = l1_rows(Qt) @ normed, l1_rows(Xt) @ normed
+        results.append((f"lsa-{d} normed idf", "cosine", top_k_accuracy(l2_rows(qv) @ l2_rows(xv).T, texts, answers)))
     print(f"{len(qa)} questions, {len(rows)} passages")
     print(f"{'retriever':<22}{'score':>8}{'top1':>8}{'top5':>8}{'top20':>8}")
     for name, score, acc in results:

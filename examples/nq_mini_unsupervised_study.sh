@@ -11,14 +11,23 @@
 #      steps, both evaluated on all 422 dev questions
 #   4. per-seed and pooled EM, top-k, and for EM and for retrieval (a passage with an answer among
 #      the first 1/5/20) the paired counts and McNemar's exact p on the pooled pairs
-# SEEDS="1 2 3" (default), STEPS (per run, default 300), ICT_STEPS (default 1500), MSS_STEPS
-# (default 300), MSS_SOURCE (default skip). Everything goes to runs/unsup-study-<time> (RUN=<dir> to choose).
+# SEEDS="1 2 3" (default), STEPS (per run, default 300), ICT_STEPS (default 1500; 300 with the lexical
+# start), ICT_LR (default 1e-3; 1e-4 with the lexical start), MSS_STEPS (default 300), MSS_SOURCE
+# (default skip), RETRIEVER_INIT: random (default: ICT from random weights) or lexical (ICT from a
+# tower initialised by tools/init_lexical_retriever.py with an LSA of the evidence: no labels, nothing
+# trained). Everything goes to runs/unsup-study-<time> (RUN=<dir> to choose).
 # PRETRAINED=<an earlier study's RUN> reuses its ICT and MSS checkpoints (e.g. to add seeds).
 # PRETRAIN_ONLY=1 stops after stage 2 (examples/compare_objectives.sh builds its start this way);
 # DATA=<dir with evidence.tsv, train.tsv, dev.tsv> replaces data/nq-mini (smoke tests).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+RETRIEVER_INIT=${RETRIEVER_INIT:-random}
+case "$RETRIEVER_INIT" in
+  random) ICT_STEPS=${ICT_STEPS:-1500}; ICT_LR=${ICT_LR:-1e-3} ;;
+  lexical) ICT_STEPS=${ICT_STEPS:-300}; ICT_LR=${ICT_LR:-1e-4} ;;
+  *) echo "nq_mini_unsupervised_study: error: RETRIEVER_INIT=$RETRIEVER_INIT: expected random or lexical" >&2; exit 2 ;;
+esac
 RUN=${RUN:-runs/unsup-study-$(date +%Y%m%d-%H%M%S)}
 if [[ -d "$RUN" && -n "$(ls -A "$RUN")" ]]; then
   echo "nq_mini_unsupervised_study: error: $RUN already holds a run; choose another RUN=<dir>" >&2
@@ -29,7 +38,6 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)} PYTHONWARNINGS=ignore
 D=${DATA:-data/nq-mini}
 SEEDS=${SEEDS:-"1 2 3"}
 STEPS=${STEPS:-300}
-ICT_STEPS=${ICT_STEPS:-1500}
 MSS_STEPS=${MSS_STEPS:-300}
 # MSS_SOURCE: what an MSS training sentence does with its own passage (mss --mss-source): skip (the
 # default: never retrieved), retrieve (may be), read (always among the K the reader reads; its reader
@@ -58,9 +66,18 @@ if [[ -n "${PRETRAINED:-}" ]]; then
   done
   stage "1-2/4 reusing ICT and MSS of $PRE"
 else
-stage "1/4 ICT from random weights ($ICT_STEPS steps)"
-python -m tasks.openqa.ict "${TOWER[@]}" --seed 1234 --autocast bf16 --embed-batch-size 64 --evidence "$D/evidence.tsv" \
-  --dev-data "$D/dev.tsv" --global-batch-size 32 --micro-batch-size 32 --lr 1e-3 --lr-warmup-fraction 0.05 \
+ICT_INIT=()
+if [[ $RETRIEVER_INIT == lexical ]]; then
+  stage "1/4 a tower initialised from an LSA of the evidence, then ICT ($ICT_STEPS steps, lr $ICT_LR)"
+  python tools/init_lexical_retriever.py --evidence "$D/evidence.tsv" --num-layers 2 --hidden-size 256 \
+    --num-attention-heads 4 --seq-length 256 --context-max-len 160 --shared-towers --output "$RUN/lexical.pt" \
+    > "$RUN/lexical.log" 2>&1 || { tail -n 5 "$RUN/lexical.log" >&2; exit 1; }
+  ICT_INIT=(--retriever-load "$RUN/lexical.pt" --retriever-pooling weighted-mean)
+else
+  stage "1/4 ICT from random weights ($ICT_STEPS steps, lr $ICT_LR)"
+fi
+python -m tasks.openqa.ict "${TOWER[@]}" "${ICT_INIT[@]}" --seed 1234 --autocast bf16 --embed-batch-size 64 --evidence "$D/evidence.tsv" \
+  --dev-data "$D/dev.tsv" --global-batch-size 32 --micro-batch-size 32 --lr "$ICT_LR" --lr-warmup-fraction 0.05 \
   --weight-decay 0.01 --train-iters "$ICT_STEPS" --eval-interval "$ICT_STEPS" --log-interval 100 --no-progress-bar \
   --save "$RUN/ict" > "$RUN/ict.log" 2>&1
 grep -a -o "evaluation at iteration.*" "$RUN/ict.log" | tail -n 1

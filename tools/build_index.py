@@ -52,6 +52,7 @@ class RetrieverConfig:
     post_layernorm: bool = False  # True for towers imported from Hugging Face BERT
     layernorm_epsilon: float = 1e-12
     shared: bool = False  # one tower for questions and passages
+    pooling: str = "cls"  # or "weighted-mean" (models/bert_tower.py)
     vocab_file: str | None = None
     lower_case: bool = True
 
@@ -174,7 +175,8 @@ def _config_from_meta(path: str, state: dict) -> dict | None:
            # MSS/EMDR² record the layout with the sizes (meta["retriever"]); a post-LN tower (BERT
            # warm start) rebuilt pre-LN loads without complaint and embeds everything alike
            "post_layernorm": bool(size.get("post_layernorm", meta.get("post_layernorm", False))),
-           "shared": bool(meta.get("shared_towers", False)), "vocab_file": meta.get("vocab_file")}
+           "shared": bool(meta.get("shared_towers", False)), "vocab_file": meta.get("vocab_file"),
+           "pooling": size.get("pooling", "cls")}
     if emb is not None:
         cfg["vocab_size"] = int(emb.shape[0])
     if size.get("layernorm_epsilon") is not None:
@@ -188,7 +190,7 @@ def _tower(cfg: RetrieverConfig):
 
     config = bert_config(cfg.num_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.ffn_hidden_size,
                          layernorm_epsilon=cfg.layernorm_epsilon, post_layernorm=cfg.post_layernorm)
-    return BertTower(config, cfg.vocab_size, cfg.max_sequence_length, cfg.num_tokentypes)
+    return BertTower(config, cfg.vocab_size, cfg.max_sequence_length, cfg.num_tokentypes, pooling=cfg.pooling)
 
 
 def add_retriever_args(p: argparse.ArgumentParser) -> None:

@@ -55,6 +55,12 @@ def add_model_size_args(parser: argparse.ArgumentParser, prefix: str, defaults: 
     g.add_argument(f"{p}seq-length", type=int, default=defaults.seq_length)
     g.add_argument(f"{p}hidden-dropout", type=float, default=defaults.hidden_dropout)
     g.add_argument(f"{p}attention-dropout", type=float, default=defaults.attention_dropout)
+    if prefix == "retriever":
+        g.add_argument("--retriever-pooling", choices=("cls", "weighted-mean"), default=None,
+                       help="a text's vector: the [CLS] state (default, the paper's) or the token "
+                            "states' mean weighted by a learned weight per vocabulary entry, scaled to "
+                            "length sqrt(hidden) (scores = sqrt(hidden) x cosine); a checkpoint given "
+                            "to --retriever-load keeps the pooling it was trained with")
 
 
 def model_size_from_args(args: argparse.Namespace, prefix: str) -> ModelSize:
@@ -67,6 +73,8 @@ def model_size_from_args(args: argparse.Namespace, prefix: str) -> ModelSize:
         seq_length=getattr(args, f"{a}seq_length"),
         hidden_dropout=getattr(args, f"{a}hidden_dropout"),
         attention_dropout=getattr(args, f"{a}attention_dropout"),
+        **({"pooling": args.retriever_pooling} if prefix == "retriever" and getattr(args, "retriever_pooling", None)
+           else {}),
         **recompute_from_args(args, prefix),
     )
 

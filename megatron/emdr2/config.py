@@ -90,6 +90,8 @@ class ModelSize:
     # Original-BERT (post-LN) residual ordering: towers, or the reader's encoder, that start
     # from a Hugging Face BERT checkpoint need it.
     post_layernorm: bool = False
+    # A retriever tower's text vector: "cls" (the paper's) or "weighted-mean" (models/bert_tower.py).
+    pooling: str = "cls"
     decoder_num_layers: Optional[int] = None  # the reader's decoder depth (default num_layers)
     copy_head: bool = False  # the reader mixes in a copy distribution (models/copy_head.py)
     copy_continuation: bool = False  # ... with the span-continuation bias (models/copy_head.py)

@@ -180,23 +180,29 @@ BERT_EPSILON = 1e-12
 
 
 def recorded_retriever_layout(load) -> dict:
-    """{"post_layernorm", "layernorm_epsilon"} that a retriever checkpoint directory was trained
-    with: an EMDR²/MSS checkpoint's meta, or the retriever_config.json an ICT/DPR run writes;
-    {} when neither records it (a .pt file, a directory from elsewhere)."""
+    """{"post_layernorm", "layernorm_epsilon", "pooling"} that a retriever checkpoint was trained
+    with: an EMDR²/MSS checkpoint's meta, the retriever_config.json an ICT/DPR run writes, or the
+    "config" a .pt file carries; {} when none records it (a directory from elsewhere)."""
     import json
 
     from megatron.emdr2.openqa import builders
 
-    if not load or not os.path.isdir(load):
+    if not load or not os.path.exists(load):
         return {}
-    config = os.path.join(load, "retriever_config.json")
-    if os.path.exists(config):
-        with open(config) as f:
+    rc = None
+    if os.path.isfile(load):  # a .pt may carry its architecture (tools/init_lexical_retriever.py)
+        state = builders._load_file(load)
+        rc = state.get("config") if isinstance(state, dict) else None
+        if not isinstance(rc, dict):
+            return {}
+    elif os.path.exists(os.path.join(load, "retriever_config.json")):
+        with open(os.path.join(load, "retriever_config.json")) as f:
             rc = json.load(f)
+    if rc is not None:
         return {"post_layernorm": bool(rc.get("post_layernorm", False)),
-                "layernorm_epsilon": rc.get("layernorm_epsilon")}
+                "layernorm_epsilon": rc.get("layernorm_epsilon"), "pooling": rc.get("pooling", "cls")}
     meta = builders.load_checkpoint_meta(load).get("retriever", {})
-    return {k: meta[k] for k in ("post_layernorm", "layernorm_epsilon") if k in meta}
+    return {k: meta[k] for k in ("post_layernorm", "layernorm_epsilon", "pooling") if k in meta}
 
 
 def role_sizes(args) -> dict:
@@ -221,7 +227,7 @@ def role_sizes(args) -> dict:
         load = getattr(args, f"{role}_load", None)
         meta = builders.load_checkpoint_meta(load) if load and os.path.isdir(load) else {}
         if role in meta:
-            keep = {k: meta[role][k] for k in ("post_layernorm", "layernorm_epsilon", "decoder_num_layers",
+            keep = {k: meta[role][k] for k in ("post_layernorm", "layernorm_epsilon", "pooling", "decoder_num_layers",
                                                 "copy_head", "copy_continuation") if k in meta[role]}
             sizes[role] = dataclasses.replace(sizes[role], **keep)
         elif role == "retriever" and recorded_retriever_layout(load):  # an ICT/DPR checkpoint

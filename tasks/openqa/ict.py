@@ -75,9 +75,16 @@ def check_retriever_args(args, cfg: TrainingConfig, prog: str) -> None:
     from megatron.emdr2.openqa.builders import PretrainedError
 
     try:
-        recorded = common.recorded_retriever_layout(args.retriever_load).get("post_layernorm")
+        layout = common.recorded_retriever_layout(args.retriever_load)
     except PretrainedError as e:
         fail(f"--retriever-load: {e}", prog)
+    pooling = layout.get("pooling")
+    if pooling is not None:
+        if args.retriever_pooling not in (None, pooling):
+            fail(f"--retriever-pooling {args.retriever_pooling} contradicts --retriever-load "
+                 f"{args.retriever_load}, whose towers pool with {pooling}; drop the flag", prog)
+        args.retriever_pooling = pooling
+    recorded = layout.get("post_layernorm")
     if recorded is not None:
         if args.retriever_post_layernorm and not recorded:
             fail(f"--retriever-post-layernorm contradicts --retriever-load {args.retriever_load}, "

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from typing import Callable, Sequence
 
@@ -227,7 +228,8 @@ def _progress_bar(total: int, enabled: bool):
         from tqdm import tqdm
     except ImportError:
         enabled = False
-    if not enabled:
+    # Into a log file a bar is only noise (the logger reports progress there), as for the trainer's.
+    if not enabled or not sys.stderr.isatty():
         return _NoBar()
     return tqdm(total=total, unit="psg", desc="embedding evidence", smoothing=0.05)
 

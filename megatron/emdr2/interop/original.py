@@ -436,6 +436,9 @@ def _embedding_to_original(sd, vocab_rows, tokentypes: Optional[Tensor]) -> dict
 def bert_to_original(tower_sd: Mapping[str, Tensor], num_heads: int, layout: int = 1,
                      vocab_rows: Optional[int] = None) -> dict:
     """A ``BertTower`` state dict -> the original's nested ``{"language_model": ...}``."""
+    if "token_weight" in tower_sd:
+        raise ConversionError("a tower with weighted-mean pooling (token_weight) has no counterpart in the "
+                              "original's [CLS]-pooled towers")
     return {"language_model": {
         "embedding": _embedding_to_original(tower_sd, vocab_rows,
                                             tower_sd.get("embedding.tokentype_embeddings.weight")),

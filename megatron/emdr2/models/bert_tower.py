@@ -1,4 +1,10 @@
-"""One BERT retriever tower: megatron-core embedding + TransformerBlock, [CLS] state out.
+"""One BERT retriever tower: megatron-core embedding + TransformerBlock, one vector per text.
+
+The vector is the final-layer [CLS] state (the paper's, ``pooling="cls"``) or, with
+``pooling="weighted-mean"``, the mean of all final-layer token states weighted by a learned
+per-vocabulary-entry weight, scaled to length sqrt(hidden). The second is what a tower
+initialised from a lexical model needs (``tools/init_lexical_retriever.py``): an idf-weighted
+mean of normalised token vectors scored by cosine, which a [CLS] state cannot express.
 
 Built from megatron-core's parts rather than ``BertModel`` because BertModel only creates the
 block's final LayerNorm together with its LM/binary heads (``post_process``), and the retriever
@@ -30,19 +36,25 @@ def padding_attention_mask(mask: Tensor) -> Tensor:
     return (mask < 0.5).view(mask.size(0), 1, 1, mask.size(1))
 
 
+POOLINGS = ("cls", "weighted-mean")
+
+
 class BertTower(MegatronModule):
-    """BERT encoder returning the final-layer [CLS] state after the final LayerNorm.
+    """BERT encoder returning one vector per text from its final-layer states.
 
     Args:
         config: from ``config.bert_config`` (``post_layernorm=True`` for Hugging Face weights).
         vocab_size: vocabulary size (divisible by the tensor-parallel size; pad it if not).
         max_sequence_length: number of learned position embeddings.
         num_tokentypes: 2 for BERT's segment embeddings, 0 for none.
+        pooling: "cls" or "weighted-mean" (see the module docstring).
     """
 
     def __init__(self, config: TransformerConfig, vocab_size: int, max_sequence_length: int,
-                 num_tokentypes: int = 2):
+                 num_tokentypes: int = 2, pooling: str = "cls"):
         super().__init__(config=config)
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         tp = config.tensor_model_parallel_size
         if vocab_size % tp:
             raise ValueError(f"vocab_size {vocab_size} must be divisible by the tensor-parallel "
@@ -50,6 +62,10 @@ class BertTower(MegatronModule):
         self.vocab_size = vocab_size
         self.max_sequence_length = max_sequence_length
         self.num_tokentypes = num_tokentypes
+        self.pooling = pooling
+        if pooling == "weighted-mean":
+            # One weight per vocabulary entry (replicated on tensor-parallel ranks: it is tiny).
+            self.token_weight = torch.nn.Parameter(torch.ones(vocab_size))
         self.embedding = LanguageModelEmbedding(
             config=config, vocab_size=vocab_size, max_sequence_length=max_sequence_length,
             position_embedding_type="learned_absolute", num_tokentypes=num_tokentypes)
@@ -83,5 +99,18 @@ class BertTower(MegatronModule):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor,
                 tokentype_ids: Optional[Tensor] = None) -> Tensor:
-        """input_ids, attention_mask (1 = token): [B, S] -> [CLS] embeddings [B, H]."""
-        return self.hidden_states(input_ids, attention_mask, tokentype_ids)[:, 0].contiguous()
+        """input_ids, attention_mask (1 = token): [B, S] -> embeddings [B, H]."""
+        hidden = self.hidden_states(input_ids, attention_mask, tokentype_ids)
+        if self.pooling == "cls":
+            return hidden[:, 0].contiguous()
+        return self._weighted_mean(hidden, input_ids, attention_mask)
+
+    def _weighted_mean(self, hidden: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        # Negative weights would let a token push the text away from itself; clamp them.
+        weights = self.token_weight[input_ids].float().clamp(min=0) * attention_mask.float()
+        pooled = torch.einsum("bs,bsh->bh", weights, hidden.float())
+        pooled = pooled / weights.sum(1, keepdim=True).clamp(min=1e-6)
+        # Length sqrt(H): the biencoder's default score scale 1/sqrt(H) then makes a score
+        # sqrt(H) x cosine (temperature 1/16 at H = 256), and fp16 index entries stay near 1.
+        unit = pooled / pooled.norm(dim=1, keepdim=True).clamp(min=1e-6)
+        return (unit * self.hidden_size ** 0.5).to(hidden.dtype)

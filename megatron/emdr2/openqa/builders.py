@@ -33,7 +33,8 @@ def build_tower(size: ModelSize, vocab_size: int, precision: str = "fp32", tenso
     config = bert_config(size.num_layers, size.hidden_size, size.num_attention_heads, size.ffn_hidden_size,
                          size.hidden_dropout, size.attention_dropout, precision, tensor_parallel,
                          post_layernorm=post_layernorm, **eps, **size.recompute)
-    return BertTower(config, vocab_size, size.seq_length, num_tokentypes=num_tokentypes)
+    return BertTower(config, vocab_size, size.seq_length, num_tokentypes=num_tokentypes,
+                     pooling=size.pooling)
 
 
 def build_biencoder(size: ModelSize, vocab_size: int, precision: str = "fp32", tensor_parallel: int = 1,
@@ -200,8 +201,12 @@ def load_into(module: torch.nn.Module, state: dict, path: str, strict: bool = Tr
     unexpected = [k for k in state if k not in own and not k.endswith("_extra_state")]
     if strict and (missing or unexpected):
         what = f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}"
+        hint = ""
+        if any(k.endswith("token_weight") for k in missing + unexpected):
+            hint = ("; its towers pool with weighted-mean: pass --retriever-pooling weighted-mean"
+                    if unexpected else "; its towers pool with cls: drop --retriever-pooling weighted-mean")
         raise PretrainedError(f"{path}: does not fit the model: {what} "
-                              f"({len(missing)} missing, {len(unexpected)} unexpected keys)")
+                              f"({len(missing)} missing, {len(unexpected)} unexpected keys){hint}")
     for k, v in state.items():
         if k in own and torch.is_tensor(v) and own[k].shape != v.shape:
             raise PretrainedError(f"{path}: parameter {k!r} has shape {tuple(v.shape)}, "

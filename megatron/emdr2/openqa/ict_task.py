@@ -183,7 +183,7 @@ class RetrieverTrainingTask:
                 "num_attention_heads": s.num_attention_heads, "ffn_hidden_size": s.ffn_hidden_size,
                 "vocab_size": self.vocab_size, "max_sequence_length": s.seq_length, "num_tokentypes": 2,
                 "post_layernorm": self.r.post_layernorm, "layernorm_epsilon": 1e-12,
-                "shared": self.r.shared_towers, "vocab_file": self.r.vocab_file,
+                "shared": self.r.shared_towers, "pooling": s.pooling, "vocab_file": self.r.vocab_file,
                 "lower_case": getattr(self.tok, "lower_case", True)}
 
     def _write_config(self) -> None:
