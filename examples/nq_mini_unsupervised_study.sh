@@ -15,7 +15,10 @@
 # start), ICT_LR (default 1e-3; 1e-4 with the lexical start), MSS_STEPS (default 300), MSS_SOURCE
 # (default skip), RETRIEVER_INIT: random (default: ICT from random weights) or lexical (ICT from a
 # tower initialised by tools/init_lexical_retriever.py with an LSA of the evidence: no labels, nothing
-# trained). Everything goes to runs/unsup-study-<time> (RUN=<dir> to choose).
+# trained; LSA_DIM=<d> builds it from d LSA dimensions instead of all 256: a weaker start with more
+# room, e.g. 32), READER: small (default: MiniLM's first 3 layers, greedy decoding without repeated
+# bigrams) or quickstart (the quickstart's reader: 6 layers, answers completed to whole words and cut
+# at a repeated word). Everything goes to runs/unsup-study-<time> (RUN=<dir> to choose).
 # PRETRAINED=<an earlier study's RUN> reuses its ICT and MSS checkpoints (e.g. to add seeds).
 # PRETRAIN_ONLY=1 stops after stage 2 (examples/compare_objectives.sh builds its start this way);
 # DATA=<dir with evidence.tsv, train.tsv, dev.tsv> replaces data/nq-mini (smoke tests).
@@ -28,6 +31,15 @@ case "$RETRIEVER_INIT" in
   lexical) ICT_STEPS=${ICT_STEPS:-300}; ICT_LR=${ICT_LR:-1e-4} ;;
   *) echo "nq_mini_unsupervised_study: error: RETRIEVER_INIT=$RETRIEVER_INIT: expected random or lexical" >&2; exit 2 ;;
 esac
+READER_KIND=${READER:-small}
+case "$READER_KIND" in
+  small) READER_LAYERS=3; DECODE=(--no-repeat-ngram-size 2) ;;
+  quickstart) READER_LAYERS=6; DECODE=(--no-repeat-ngram-size 2 --complete-words --stop-at-repeated-word) ;;
+  *) echo "nq_mini_unsupervised_study: error: READER=$READER_KIND: expected small or quickstart" >&2; exit 2 ;;
+esac
+if [[ -n "${LSA_DIM:-}" && $RETRIEVER_INIT != lexical ]]; then
+  echo "nq_mini_unsupervised_study: error: LSA_DIM is for RETRIEVER_INIT=lexical" >&2; exit 2
+fi
 RUN=${RUN:-runs/unsup-study-$(date +%Y%m%d-%H%M%S)}
 if [[ -d "$RUN" && -n "$(ls -A "$RUN")" ]]; then
   echo "nq_mini_unsupervised_study: error: $RUN already holds a run; choose another RUN=<dir>" >&2
@@ -51,13 +63,13 @@ stage() { echo; echo "=== [$(( $(date +%s) - START ))s] $*"; }
 TOWER=(--retriever-num-layers 2 --retriever-hidden-size 256 --retriever-num-attention-heads 4
        --retriever-seq-length 256 --retriever-hidden-dropout 0 --retriever-attention-dropout 0
        --shared-towers --query-max-len 48 --context-max-len 160)
-READER=(--reader-num-layers 3 --reader-decoder-num-layers 2 --reader-hidden-size 384 --reader-num-attention-heads 12
+READER=(--reader-num-layers "$READER_LAYERS" --reader-decoder-num-layers 2 --reader-hidden-size 384 --reader-num-attention-heads 12
         --reader-ffn-hidden-size 1536 --reader-seq-length 256 --reader-hidden-dropout 0 --reader-attention-dropout 0
         --reader-max-len 168 --answer-max-len 16 --reader-copy-head --reader-copy-continuation)
 JOINT=(--log-interval 25 --embed-batch-size 64 --evidence "$D/evidence.tsv" --top-k 4 --index-reload-interval 25
        --global-batch-size 8 --micro-batch-size 8 --lr 1e-3 --lr-warmup-fraction 0.05 --weight-decay 0.1
        --clip-grad 1.0 --reader-encoder-lr-mult 0.3 --retriever-lr-mult 0.1 --autocast bf16 --no-progress-bar
-       --no-repeat-ngram-size 2)
+       "${DECODE[@]}")
 
 PRE=${PRETRAINED:-$RUN}
 if [[ -n "${PRETRAINED:-}" ]]; then
@@ -68,8 +80,8 @@ if [[ -n "${PRETRAINED:-}" ]]; then
 else
 ICT_INIT=()
 if [[ $RETRIEVER_INIT == lexical ]]; then
-  stage "1/4 a tower initialised from an LSA of the evidence, then ICT ($ICT_STEPS steps, lr $ICT_LR)"
-  python tools/init_lexical_retriever.py --evidence "$D/evidence.tsv" --num-layers 2 --hidden-size 256 \
+  stage "1/4 a tower initialised from an LSA of the evidence (${LSA_DIM:-256} dimensions), then ICT ($ICT_STEPS steps, lr $ICT_LR)"
+  python tools/init_lexical_retriever.py --evidence "$D/evidence.tsv" --num-layers 2 --hidden-size 256 --lsa-dim "${LSA_DIM:-256}" \
     --num-attention-heads 4 --seq-length 256 --context-max-len 160 --shared-towers --output "$RUN/lexical.pt" \
     > "$RUN/lexical.log" 2>&1 || { tail -n 5 "$RUN/lexical.log" >&2; exit 1; }
   ICT_INIT=(--retriever-load "$RUN/lexical.pt" --retriever-pooling weighted-mean)
@@ -97,7 +109,7 @@ MSS_DEV=$PRE/mss.dev.json  # an earlier study (or the quickstart) may have evalu
 if [[ ! -f "$MSS_DEV" ]]; then
   MSS_DEV=$RUN/mss.dev.json
   python -m tasks.openqa.evaluate --load "$PRE/mss" --index-dir "$RUN/mss-dev-index" --rebuild-index \
-    --evidence "$D/evidence.tsv" --qa-file "$D/dev.tsv" --top-k 4 --no-repeat-ngram-size 2 --autocast bf16 \
+    --evidence "$D/evidence.tsv" --qa-file "$D/dev.tsv" --top-k 4 "${DECODE[@]}" --autocast bf16 \
     --metrics-out "$MSS_DEV" > "$RUN/mss.eval.log" 2>&1 || { tail -n 5 "$RUN/mss.eval.log" >&2; exit 1; }
 fi
 python tools/stage_table.py --run "$PRE" --table8-only --mss-metrics "$MSS_DEV"
@@ -115,7 +127,7 @@ for seed in $SEEDS; do
       --train-data "$D/train.tsv" --dev-data "$D/dev.tsv" --index-dir "$RUN/$name/index" \
       --train-iters "$STEPS" --eval-interval 0 --save "$RUN/$name" > "$RUN/$name.log" 2>&1
     python -m tasks.openqa.evaluate --load "$RUN/$name" --index-dir "$RUN/$name/dev-index" --rebuild-index \
-      --evidence "$D/evidence.tsv" --qa-file "$D/dev.tsv" --top-k 4 --no-repeat-ngram-size 2 --autocast bf16 \
+      --evidence "$D/evidence.tsv" --qa-file "$D/dev.tsv" --top-k 4 "${DECODE[@]}" --autocast bf16 \
       --metrics-out "$RUN/$name.dev.json" --predictions-file "$RUN/$name.dev_predictions.jsonl" \
       > "$RUN/$name.eval.log" 2>&1
     echo "$name: $(tail -n 2 "$RUN/$name.eval.log" | head -n 1)"

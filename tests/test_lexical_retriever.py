@@ -86,19 +86,19 @@ def test_weighted_mean_pooling_weights_tokens_ignores_padding_and_has_length_sqr
     assert "token_weight" not in _tower("cls").state_dict()
 
 
-def test_the_lexical_tower_computes_the_idf_weighted_lsa_it_was_built_from(lexical, data, megatron_cpu):
+def _assert_tower_computes_its_lsa(checkpoint, evidence_file):
     from megatron.emdr2.data.evidence import load_evidence
     from megatron.emdr2.data.inputs import encode_context
     from tools import build_index
 
-    model, tok, _ = build_index.load_retriever(str(lexical))
+    model, tok, _ = build_index.load_retriever(str(checkpoint))
     assert model.shared and model.query_tower.pooling == "weighted-mean"
-    saved = torch.load(lexical, weights_only=True)
+    saved = torch.load(checkpoint, weights_only=True)
     assert saved["config"]["pooling"] == "weighted-mean"
     state = saved["model"]
     vectors, weights = state["query_tower.embedding.word_embeddings.weight"], state["query_tower.token_weight"]
     assert all(weights[i] == 0 for i in tok.special_ids)
-    evidence = load_evidence(str(data["evidence"]))
+    evidence = load_evidence(str(evidence_file))
     ids, mask = encode_context(tok, evidence.passages(list(range(40))), 96, pad_to="longest")
     with torch.no_grad():
         got = model.embed_contexts(ids, mask)
@@ -111,6 +111,24 @@ def test_the_lexical_tower_computes_the_idf_weighted_lsa_it_was_built_from(lexic
     # and the LSA is a retriever: most passages are their own nearest neighbour
     scores = model.score(got, got)
     assert (scores.argmax(1) == torch.arange(40)).float().mean().item() >= 0.9
+    return vectors
+
+
+def test_the_lexical_tower_computes_the_idf_weighted_lsa_it_was_built_from(lexical, data, megatron_cpu):
+    _assert_tower_computes_its_lsa(lexical, data["evidence"])
+
+
+def test_fewer_lsa_dimensions_fill_the_first_coordinates_and_the_tower_still_computes_them(data, megatron_cpu):
+    out = data["dir"] / "lexical-16.pt"
+    proc = _run(["tools/init_lexical_retriever.py", "--evidence", str(data["evidence"]), "--hidden-size", "64",
+                 "--lsa-dim", "16", "--num-layers", "2", "--num-attention-heads", "4", "--seq-length", "128",
+                 "--context-max-len", "96", "--shared-towers", "--output", str(out)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "16 LSA dimensions in a 64-wide tower" in proc.stdout
+    vectors = _assert_tower_computes_its_lsa(out, data["evidence"])
+    assert vectors[:, 16:].abs().max().item() == 0
+    used = vectors[:, :16].norm(dim=1)
+    assert torch.allclose(used[used > 0], torch.full_like(used[used > 0], 4.0), atol=1e-3)  # sqrt(16)
 
 
 def test_ict_keeps_the_pooling_and_the_openqa_tasks_rebuild_it(lexical, data, tmp_path):
@@ -153,6 +171,8 @@ def test_the_tool_refuses_bad_input_in_one_line(data, tmp_path):
             (["--evidence", str(tiny)], "exceeds the TF-IDF matrix's rank bound"),
             (["--evidence", str(tmp_path / "missing.tsv")], "no such file"),
             (["--evidence", str(data["evidence"]), "--hidden-size", "63"], "not divisible"),
+            (["--evidence", str(data["evidence"]), "--hidden-size", "64", "--lsa-dim", "128"],
+             "--lsa-dim 128 exceeds --hidden-size 64"),
     ):
         proc = _run(["tools/init_lexical_retriever.py", *args, "--output", str(out)])
         assert proc.returncode == 2, proc.stderr[-2000:]
@@ -180,10 +200,15 @@ def test_emdr2_trains_from_the_lexical_start_and_evaluate_rebuilds_its_pooling(l
     assert json.loads(metrics.read_text())["top5"] >= 0.5  # a [CLS] tower rebuilt from these weights would not
 
 
-def test_the_study_script_refuses_an_unknown_start_before_making_a_run_directory(tmp_path):
+@pytest.mark.parametrize("settings, message", [
+    ({"RETRIEVER_INIT": "bert"}, "RETRIEVER_INIT=bert: expected random or lexical"),
+    ({"READER": "large"}, "READER=large: expected small or quickstart"),
+    ({"LSA_DIM": "32"}, "LSA_DIM is for RETRIEVER_INIT=lexical"),
+])
+def test_the_study_script_refuses_bad_settings_before_making_a_run_directory(tmp_path, settings, message):
     run = tmp_path / "run"
     proc = subprocess.run(["bash", "examples/nq_mini_unsupervised_study.sh"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=60, env={**env(2), "RETRIEVER_INIT": "bert", "RUN": str(run)})
+                          text=True, timeout=60, env={**env(2), **settings, "RUN": str(run)})
     assert proc.returncode == 2
-    assert "RETRIEVER_INIT=bert: expected random or lexical" in proc.stderr
+    assert message in proc.stderr
     assert not run.exists()

@@ -4,7 +4,9 @@ The tower (``--retriever-pooling weighted-mean``) starts out computing what a la
 analysis (LSA) of the evidence computes:
 
   * word embeddings: each vocabulary entry's row of a truncated SVD of the evidence's TF-IDF
-    matrix (``hidden`` dimensions), centred and scaled to length sqrt(hidden);
+    matrix (``--lsa-dim`` dimensions, by default the tower's width), centred and scaled to length
+    sqrt(lsa-dim); with fewer LSA dimensions than the width, the other coordinates start at zero
+    (a LayerNorm rescales the vector but keeps its direction) and are free for training to use;
   * every layer's attention and MLP output projections set to zero, so at the start each layer
     passes its input through and the final LayerNorm sees the word embedding alone (position
     and segment embeddings start at zero too); the layers' other weights are random as usual,
@@ -15,7 +17,9 @@ A text's vector is then the idf-weighted mean of its tokens' normalised LSA vect
 is sqrt(hidden) x their cosine. On nq-mini (256 dimensions) that ranks dev passages with top-1/5/20
 about 0.74 / 0.89 / 0.95 before any training (``bench/bench_lexical_retrieval.py`` measures it
 outside the tower). It is an unsupervised starting point for ICT, as a BERT checkpoint is in the
-paper, built from the evidence alone: nothing trained on questions is involved.
+paper, built from the evidence alone: nothing trained on questions is involved. ``--lsa-dim``
+sets how strong that start is: on nq-mini train questions 16 / 32 / 64 / 256 dimensions give
+top-5 about 0.38 / 0.64 / 0.80 / 0.90 (``bench/bench_lexical_retrieval.py --dims``).
 
     python tools/init_lexical_retriever.py --evidence data/nq-mini/evidence.tsv --hidden-size 256 \\
         --num-layers 2 --num-attention-heads 4 --seq-length 256 --shared-towers --output runs/lexical.pt
@@ -62,7 +66,7 @@ def lsa_token_vectors(tfidf: torch.Tensor, dim: int, seed: int, niter: int = 8) 
     (a LayerNorm removes the mean anyway) and scaled to length sqrt(dim); rows of tokens absent
     from the evidence stay zero."""
     if dim > min(tfidf.shape):
-        raise ValueError(f"--hidden-size {dim} exceeds the TF-IDF matrix's rank bound {min(tfidf.shape)} "
+        raise ValueError(f"--lsa-dim {dim} exceeds the TF-IDF matrix's rank bound {min(tfidf.shape)} "
                          f"(fewer passages or distinct tokens than dimensions)")
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
@@ -76,11 +80,13 @@ def lsa_token_vectors(tfidf: torch.Tensor, dim: int, seed: int, niter: int = 8) 
 
 
 def lexical_tower_state(tower, token_vectors: torch.Tensor, idf: torch.Tensor, special_ids) -> dict:
-    """The state dict of ``tower`` (a weighted-mean BertTower) set to the lexical model."""
+    """The state dict of ``tower`` (a weighted-mean BertTower) set to the lexical model; token
+    vectors narrower than the tower fill its first coordinates, the rest start at zero."""
     state = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in tower.state_dict().items()}
     dtype = state["embedding.word_embeddings.weight"].dtype
     rows = state["embedding.word_embeddings.weight"].size(0)
-    state["embedding.word_embeddings.weight"].zero_()[: token_vectors.size(0)] = token_vectors.to(dtype)
+    n, dim = token_vectors.shape
+    state["embedding.word_embeddings.weight"].zero_()[:n, :dim] = token_vectors.to(dtype)
     for key, value in state.items():
         if not torch.is_tensor(value) or key.endswith("_extra_state"):
             continue
@@ -101,7 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="the .pt file to write")
     p.add_argument("--vocab-file", default=None, help="WordPiece vocab (default: the bundled bert-base-uncased)")
     p.add_argument("--num-layers", type=int, default=2)
-    p.add_argument("--hidden-size", type=int, default=256, help="also the number of LSA dimensions")
+    p.add_argument("--hidden-size", type=int, default=256)
+    p.add_argument("--lsa-dim", type=int, default=None,
+                   help="LSA dimensions (default: --hidden-size); fewer make a weaker start")
     p.add_argument("--num-attention-heads", type=int, default=4)
     p.add_argument("--ffn-hidden-size", type=int, default=None)
     p.add_argument("--seq-length", type=int, default=256, help="position embeddings of the tower")
@@ -119,9 +127,12 @@ def main(argv=None) -> int:
     prog = "init_lexical_retriever"
     for flag, value in (("--num-layers", args.num_layers), ("--hidden-size", args.hidden_size),
                         ("--num-attention-heads", args.num_attention_heads), ("--seq-length", args.seq_length),
-                        ("--context-max-len", args.context_max_len)):
-        if value < 1:
+                        ("--context-max-len", args.context_max_len), ("--lsa-dim", args.lsa_dim)):
+        if value is not None and value < 1:
             fail(f"{flag} must be >= 1, got {value}", prog)
+    lsa_dim = args.lsa_dim or args.hidden_size
+    if lsa_dim > args.hidden_size:
+        fail(f"--lsa-dim {lsa_dim} exceeds --hidden-size {args.hidden_size}", prog)
     if args.hidden_size % args.num_attention_heads:
         fail(f"--hidden-size {args.hidden_size} is not divisible by --num-attention-heads "
              f"{args.num_attention_heads}", prog)
@@ -154,7 +165,7 @@ def main(argv=None) -> int:
             rows.append([t for t, keep in zip(row, m) if keep and t not in tok.special_ids])
     tfidf, idf = tfidf_matrix(rows, tok.vocab_size)
     try:
-        vectors = lsa_token_vectors(tfidf, args.hidden_size, args.seed)
+        vectors = lsa_token_vectors(tfidf, lsa_dim, args.seed)
     except ValueError as e:
         fail(f"--evidence {args.evidence}: {e}", prog)
 
@@ -180,7 +191,8 @@ def main(argv=None) -> int:
     torch.save({"model": state, "config": config}, tmp)
     os.replace(tmp, args.output)
     del launch
-    print(f"lexical retriever ({len(evidence)} passages, {args.hidden_size} LSA dimensions): {args.output}")
+    print(f"lexical retriever ({len(evidence)} passages, {lsa_dim} LSA dimensions in a "
+          f"{args.hidden_size}-wide tower): {args.output}")
     return 0
 
 

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import sys
 from typing import Optional, Sequence
 
 import numpy as np
@@ -40,7 +41,9 @@ def _dp():
 def _progress(total: int, enabled: bool, desc: str):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="q", disable=not enabled, dynamic_ncols=True, leave=False)
+    # Into a log file a redrawn bar is only noise (the metrics line follows it), as for embedding.
+    return tqdm(total=total, desc=desc, unit="q", disable=not enabled or not sys.stderr.isatty(),
+                dynamic_ncols=True, leave=False)
 
 
 @torch.no_grad()
