@@ -19,7 +19,8 @@
 # room, e.g. 32), READER: small (default: MiniLM's first 3 layers, greedy decoding without repeated
 # bigrams) or quickstart (the quickstart's reader: 6 layers, answers completed to whole words and cut
 # at a repeated word). Everything goes to runs/unsup-study-<time> (RUN=<dir> to choose).
-# PRETRAINED=<an earlier study's RUN> reuses its ICT and MSS checkpoints (e.g. to add seeds).
+# PRETRAINED=<an earlier study's RUN> reuses its ICT and MSS checkpoints (e.g. to add seeds; the last
+# table then pools the new seeds with the earlier run's, leaving out seeds run in both).
 # PRETRAIN_ONLY=1 stops after stage 2 (examples/compare_objectives.sh builds its start this way);
 # DATA=<dir with evidence.tsv, train.tsv, dev.tsv> replaces data/nq-mini (smoke tests).
 set -euo pipefail
@@ -152,5 +153,19 @@ for seed in $SEEDS; do
 done
 echo "A = FiD (frozen retriever), B = EMDR2; per seed, then pooled:"
 python tools/compare_predictions.py "${pairs[@]}" --metric em top1 top5 top20 | sed "s|$RUN/||g"
+if [[ -n "${PRETRAINED:-}" ]]; then
+  # Seeds added to an earlier study are judged with its seeds: pool every seed of $PRE not rerun here.
+  earlier=() earlier_seeds=()
+  for f in "$PRE"/none-seed*.dev_predictions.jsonl; do
+    [[ -f $f ]] || continue
+    seed=${f##*/none-seed}; seed=${seed%.dev_predictions.jsonl}
+    [[ " $SEEDS " == *" $seed "* || ! -f $PRE/emdr2-seed$seed.dev_predictions.jsonl ]] && continue
+    earlier+=("$f" "$PRE/emdr2-seed$seed.dev_predictions.jsonl") earlier_seeds+=("$seed")
+  done
+  if (( ${#earlier[@]} )); then
+    echo "with seeds ${earlier_seeds[*]} of $PRE too; per seed, then pooled:"
+    python tools/compare_predictions.py "${earlier[@]}" "${pairs[@]}" --metric em top1 top5 top20 | sed "s|$RUN/||g; s|$PRE/||g"
+  fi
+fi
 python tools/stage_table.py --run "$PRE" --table8-only --mss-metrics "$MSS_DEV"
 echo "logs, checkpoints and predictions: $RUN"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -210,3 +211,19 @@ def test_compare_objectives_end_to_end_tiny(tmp_path, nq_mini):
                   CONTINUE=1)
     assert out.returncode == 2 and "CONTINUE: " in out.stderr and "STEPS=2" in out.stderr, out.stderr
     assert out.stderr.startswith("compare_objectives: error: ") and len(out.stderr.strip().splitlines()) == 1
+
+    # seeds added to an earlier study (PRETRAINED=) are pooled with that study's seeds; a seed run in
+    # both is left out of the earlier ones. The start stands in for the earlier study, with the first
+    # run's predictions copied in as its seeds 1 and 9.
+    start = run / "start"
+    for seed in ("1", "9"):
+        for arm in ("none", "emdr2"):
+            shutil.copy(run / f"{arm}-seed1.dev_predictions.jsonl", start / f"{arm}-seed{seed}.dev_predictions.jsonl")
+    e = env(threads=2)
+    e.update(PRETRAINED=str(start), RUN=str(tmp_path / "more"), SEEDS="1", STEPS="2", DATA=str(data))
+    out = subprocess.run(["bash", str(ROOT / "examples" / "nq_mini_unsupervised_study.sh")], cwd=ROOT, env=e,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert f"with seeds 9 of {start} too; per seed, then pooled:" in out.stdout, out.stdout[-2000:]
+    pooled = [line for line in out.stdout.splitlines() if line.startswith("EM: ") and "pooled over" in line]
+    assert len(pooled) == 1 and pooled[0].startswith("EM: 32 questions") and "pooled over 2 pairs" in pooled[0]
