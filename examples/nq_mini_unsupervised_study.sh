@@ -21,6 +21,10 @@
 # at a repeated word). Everything goes to runs/unsup-study-<time> (RUN=<dir> to choose).
 # PRETRAINED=<an earlier study's RUN> reuses its ICT and MSS checkpoints (e.g. to add seeds; the last
 # table then pools the new seeds with the earlier run's, leaving out seeds run in both).
+# READER_WARMUP=<steps> (default 0) first trains the reader alone for that many steps with the MSS
+# retriever frozen (FiD on the train QA pairs, seed 1234) and starts both arms' readers from it: the
+# MSS reader reads nothing on NQ, so without it EMDR²'s first steps train the retriever on an
+# uninformative reader (the paper's reader, T5 after MSS, reads from its first step).
 # PRETRAIN_ONLY=1 stops after stage 2 (examples/compare_objectives.sh builds its start this way);
 # DATA=<dir with evidence.tsv, train.tsv, dev.tsv> replaces data/nq-mini (smoke tests).
 set -euo pipefail
@@ -40,6 +44,9 @@ case "$READER_KIND" in
 esac
 if [[ -n "${LSA_DIM:-}" && $RETRIEVER_INIT != lexical ]]; then
   echo "nq_mini_unsupervised_study: error: LSA_DIM is for RETRIEVER_INIT=lexical" >&2; exit 2
+fi
+if [[ ! ${READER_WARMUP:-0} =~ ^[0-9]+$ ]]; then
+  echo "nq_mini_unsupervised_study: error: READER_WARMUP=$READER_WARMUP: expected a number of steps" >&2; exit 2
 fi
 RUN=${RUN:-runs/unsup-study-$(date +%Y%m%d-%H%M%S)}
 if [[ -d "$RUN" && -n "$(ls -A "$RUN")" ]]; then
@@ -119,12 +126,28 @@ if [[ -n "${PRETRAIN_ONLY:-}" ]]; then
   exit 0
 fi
 
-stage "3/4 FiD vs EMDR² from MSS, $STEPS steps each, seeds: $SEEDS"
+READER_WARMUP=${READER_WARMUP:-0}
+READER_START=$PRE/mss
+if (( READER_WARMUP > 0 )); then
+  READER_START=$RUN/reader-warmup
+  stage "3/4 the reader alone, $READER_WARMUP steps with the MSS retriever frozen"
+  python -m tasks.openqa.emdr2 "${TOWER[@]}" "${READER[@]}" "${JOINT[@]}" --seed 1234 \
+    --retriever-load "$PRE/mss" --reader-load "$PRE/mss" --retriever-objective none \
+    --train-data "$D/train.tsv" --dev-data "$D/dev.tsv" --index-dir "$READER_START/index" \
+    --train-iters "$READER_WARMUP" --eval-interval 0 --save "$READER_START" > "$RUN/reader-warmup.log" 2>&1
+  python -m tasks.openqa.evaluate --load "$READER_START" --index-dir "$READER_START/dev-index" --rebuild-index \
+    --evidence "$D/evidence.tsv" --qa-file "$D/dev.tsv" --top-k 4 "${DECODE[@]}" --autocast bf16 \
+    --metrics-out "$RUN/reader-warmup.dev.json" > "$RUN/reader-warmup.eval.log" 2>&1
+  echo "reader-warmup: $(tail -n 2 "$RUN/reader-warmup.eval.log" | head -n 1)"
+fi
+echo "$READER_START" > "$RUN/reader_start"
+
+stage "3/4 FiD vs EMDR² from MSS (reader from $READER_START), $STEPS steps each, seeds: $SEEDS"
 for seed in $SEEDS; do
   for objective in none emdr2; do
     name=$objective-seed$seed
     python -m tasks.openqa.emdr2 "${TOWER[@]}" "${READER[@]}" "${JOINT[@]}" --seed "$seed" \
-      --retriever-load "$PRE/mss" --reader-load "$PRE/mss" --retriever-objective "$objective" \
+      --retriever-load "$PRE/mss" --reader-load "$READER_START" --retriever-objective "$objective" \
       --train-data "$D/train.tsv" --dev-data "$D/dev.tsv" --index-dir "$RUN/$name/index" \
       --train-iters "$STEPS" --eval-interval 0 --save "$RUN/$name" > "$RUN/$name.log" 2>&1
     python -m tasks.openqa.evaluate --load "$RUN/$name" --index-dir "$RUN/$name/dev-index" --rebuild-index \
@@ -153,7 +176,9 @@ for seed in $SEEDS; do
 done
 echo "A = FiD (frozen retriever), B = EMDR2; per seed, then pooled:"
 python tools/compare_predictions.py "${pairs[@]}" --metric em top1 top5 top20 | sed "s|$RUN/||g"
-if [[ -n "${PRETRAINED:-}" ]]; then
+# An earlier run's seeds are comparable only if their readers started from the same checkpoint.
+PRE_READER_START=$(cat "$PRE/reader_start" 2>/dev/null || echo "$PRE/mss")
+if [[ -n "${PRETRAINED:-}" && $PRE_READER_START == "$READER_START" ]]; then
   # Seeds added to an earlier study are judged with its seeds: pool every seed of $PRE not rerun here.
   earlier=() earlier_seeds=()
   for f in "$PRE"/none-seed*.dev_predictions.jsonl; do

@@ -227,3 +227,19 @@ def test_compare_objectives_end_to_end_tiny(tmp_path, nq_mini):
     assert f"with seeds 9 of {start} too; per seed, then pooled:" in out.stdout, out.stdout[-2000:]
     pooled = [line for line in out.stdout.splitlines() if line.startswith("EM: ") and "pooled over" in line]
     assert len(pooled) == 1 and pooled[0].startswith("EM: 32 questions") and "pooled over 2 pairs" in pooled[0]
+
+    # READER_WARMUP= trains the reader alone first and starts both arms from it; the earlier study's
+    # seeds started from its MSS reader, so they are not pooled with these
+    e.update(RUN=str(tmp_path / "warm"), READER_WARMUP="2")
+    out = subprocess.run(["bash", str(ROOT / "examples" / "nq_mini_unsupervised_study.sh")], cwd=ROOT, env=e,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    warm = tmp_path / "warm"
+    assert (warm / "reader-warmup" / "latest").exists() and (warm / "reader-warmup.dev.json").exists()
+    assert (warm / "reader_start").read_text().strip() == str(warm / "reader-warmup")
+    assert "the reader alone, 2 steps with the MSS retriever frozen" in out.stdout
+    assert "with seeds" not in out.stdout and (warm / "emdr2-seed1.dev_predictions.jsonl").exists()
+    e.update(READER_WARMUP="two")
+    out = subprocess.run(["bash", str(ROOT / "examples" / "nq_mini_unsupervised_study.sh")], cwd=ROOT, env=e,
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "READER_WARMUP=two: expected a number of steps" in out.stderr
