@@ -25,6 +25,12 @@
 # retriever frozen (FiD on the train QA pairs, seed 1234) and starts both arms' readers from it: the
 # MSS reader reads nothing on NQ, so without it EMDR²'s first steps train the retriever on an
 # uninformative reader (the paper's reader, T5 after MSS, reads from its first step).
+# RETRIEVER_LR_MULT=<x> (default 0.1): the retriever's learning rate in the EMDR² arm as a multiple of
+# the reader's (--retriever-lr-mult; ICT and MSS keep theirs, the FiD arm's retriever is frozen).
+# BASELINE=<an earlier study's RUN, same PRETRAINED> reuses its reader start and its FiD arms (their
+# predictions, for the seeds in SEEDS) and runs only the EMDR² arms: to compare an EMDR² setting
+# against a baseline already run. HELDOUT=<QA tsv> also evaluates every arm on those questions
+# (tools/heldout_questions.py writes NQ questions outside nq-mini's train and dev) and pools them.
 # PRETRAIN_ONLY=1 stops after stage 2 (examples/compare_objectives.sh builds its start this way);
 # DATA=<dir with evidence.tsv, train.tsv, dev.tsv> replaces data/nq-mini (smoke tests).
 set -euo pipefail
@@ -47,6 +53,23 @@ if [[ -n "${LSA_DIM:-}" && $RETRIEVER_INIT != lexical ]]; then
 fi
 if [[ ! ${READER_WARMUP:-0} =~ ^[0-9]+$ ]]; then
   echo "nq_mini_unsupervised_study: error: READER_WARMUP=$READER_WARMUP: expected a number of steps" >&2; exit 2
+fi
+RETRIEVER_LR_MULT=${RETRIEVER_LR_MULT:-0.1}
+if [[ ! $RETRIEVER_LR_MULT =~ ^[0-9]*\.?[0-9]+([eE]-?[0-9]+)?$ ]]; then
+  echo "nq_mini_unsupervised_study: error: RETRIEVER_LR_MULT=$RETRIEVER_LR_MULT: expected a number" >&2; exit 2
+fi
+if [[ -n "${HELDOUT:-}" && ! -f $HELDOUT ]]; then
+  echo "nq_mini_unsupervised_study: error: HELDOUT=$HELDOUT: no such file" >&2; exit 2
+fi
+if [[ -n "${BASELINE:-}" ]]; then
+  [[ -n "${PRETRAINED:-}" ]] || { echo "nq_mini_unsupervised_study: error: BASELINE needs the PRETRAINED its runs started from" >&2; exit 2; }
+  [[ -f $BASELINE/reader_start ]] || { echo "nq_mini_unsupervised_study: error: BASELINE=$BASELINE: no reader_start (not a study run)" >&2; exit 2; }
+  (( ${READER_WARMUP:-0} == 0 )) || { echo "nq_mini_unsupervised_study: error: BASELINE reuses its reader start; leave READER_WARMUP unset" >&2; exit 2; }
+  for seed in ${SEEDS:-1 2 3}; do
+    for f in none-seed$seed.dev.json none-seed$seed.dev_predictions.jsonl none-seed$seed/latest; do
+      [[ -e $BASELINE/$f ]] || { echo "nq_mini_unsupervised_study: error: BASELINE=$BASELINE: no $f (its FiD arm of seed $seed)" >&2; exit 2; }
+    done
+  done
 fi
 RUN=${RUN:-runs/unsup-study-$(date +%Y%m%d-%H%M%S)}
 if [[ -d "$RUN" && -n "$(ls -A "$RUN")" ]]; then
@@ -76,8 +99,7 @@ READER=(--reader-num-layers "$READER_LAYERS" --reader-decoder-num-layers 2 --rea
         --reader-max-len 168 --answer-max-len 16 --reader-copy-head --reader-copy-continuation)
 JOINT=(--log-interval 25 --embed-batch-size 64 --evidence "$D/evidence.tsv" --top-k 4 --index-reload-interval 25
        --global-batch-size 8 --micro-batch-size 8 --lr 1e-3 --lr-warmup-fraction 0.05 --weight-decay 0.1
-       --clip-grad 1.0 --reader-encoder-lr-mult 0.3 --retriever-lr-mult 0.1 --autocast bf16 --no-progress-bar
-       "${DECODE[@]}")
+       --clip-grad 1.0 --reader-encoder-lr-mult 0.3 --autocast bf16 --no-progress-bar "${DECODE[@]}")
 
 PRE=${PRETRAINED:-$RUN}
 if [[ -n "${PRETRAINED:-}" ]]; then
@@ -106,7 +128,7 @@ stage "2/4 NER, then MSS of retriever and reader ($MSS_STEPS steps)"
 python tools/annotate_entities.py --evidence "$D/evidence.tsv" --output "$RUN/sentences.jsonl" --workers 2 \
   > "$RUN/annotate.log" 2>&1
 python -m tasks.openqa.mss "${TOWER[@]}" "${READER[@]}" "${JOINT[@]}" --seed 1234 --retriever-load "$RUN/ict" \
-  --reader-bert-load "$MINILM" --mss-data "$RUN/sentences.jsonl" --mss-min-entity-passages 2 --mss-source "$MSS_SOURCE" \
+  --retriever-lr-mult 0.1 --reader-bert-load "$MINILM" --mss-data "$RUN/sentences.jsonl" --mss-min-entity-passages 2 --mss-source "$MSS_SOURCE" \
   --mss-dev-sentences 200 --index-dir "$RUN/mss/index" --train-iters "$MSS_STEPS" --eval-interval "$MSS_STEPS" \
   --save "$RUN/mss" > "$RUN/mss.log" 2>&1
 grep -a -o "evaluation at iteration.*" "$RUN/mss.log" | tail -n 1
@@ -128,11 +150,12 @@ fi
 
 READER_WARMUP=${READER_WARMUP:-0}
 READER_START=$PRE/mss
+[[ -n "${BASELINE:-}" ]] && READER_START=$(cat "$BASELINE/reader_start")
 if (( READER_WARMUP > 0 )); then
   READER_START=$RUN/reader-warmup
   stage "3/4 the reader alone, $READER_WARMUP steps with the MSS retriever frozen"
   python -m tasks.openqa.emdr2 "${TOWER[@]}" "${READER[@]}" "${JOINT[@]}" --seed 1234 \
-    --retriever-load "$PRE/mss" --reader-load "$PRE/mss" --retriever-objective none \
+    --retriever-load "$PRE/mss" --reader-load "$PRE/mss" --retriever-objective none --retriever-lr-mult 0.1 \
     --train-data "$D/train.tsv" --dev-data "$D/dev.tsv" --index-dir "$READER_START/index" \
     --train-iters "$READER_WARMUP" --eval-interval 0 --save "$READER_START" > "$RUN/reader-warmup.log" 2>&1
   python -m tasks.openqa.evaluate --load "$READER_START" --index-dir "$READER_START/dev-index" --rebuild-index \
@@ -142,19 +165,33 @@ if (( READER_WARMUP > 0 )); then
 fi
 echo "$READER_START" > "$RUN/reader_start"
 
-stage "3/4 FiD vs EMDR² from MSS (reader from $READER_START), $STEPS steps each, seeds: $SEEDS"
+stage "3/4 FiD vs EMDR² from MSS (reader from $READER_START; EMDR²'s retriever at $RETRIEVER_LR_MULT × the reader's lr), $STEPS steps each, seeds: $SEEDS"
+# evaluate CHECKPOINT QA_FILE OUT: EM, top-k and per-question predictions (OUT.json, OUT_predictions.jsonl)
+evaluate() {
+  python -m tasks.openqa.evaluate --load "$1" --index-dir "$3-index" --rebuild-index --evidence "$D/evidence.tsv" \
+    --qa-file "$2" --top-k 4 "${DECODE[@]}" --autocast bf16 --metrics-out "$3.json" \
+    --predictions-file "$3_predictions.jsonl" > "$3.log" 2>&1 || { tail -n 5 "$3.log" >&2; exit 1; }
+  rm -rf "$3-index"
+}
 for seed in $SEEDS; do
   for objective in none emdr2; do
     name=$objective-seed$seed
-    python -m tasks.openqa.emdr2 "${TOWER[@]}" "${READER[@]}" "${JOINT[@]}" --seed "$seed" \
-      --retriever-load "$PRE/mss" --reader-load "$READER_START" --retriever-objective "$objective" \
-      --train-data "$D/train.tsv" --dev-data "$D/dev.tsv" --index-dir "$RUN/$name/index" \
-      --train-iters "$STEPS" --eval-interval 0 --save "$RUN/$name" > "$RUN/$name.log" 2>&1
-    python -m tasks.openqa.evaluate --load "$RUN/$name" --index-dir "$RUN/$name/dev-index" --rebuild-index \
-      --evidence "$D/evidence.tsv" --qa-file "$D/dev.tsv" --top-k 4 "${DECODE[@]}" --autocast bf16 \
-      --metrics-out "$RUN/$name.dev.json" --predictions-file "$RUN/$name.dev_predictions.jsonl" \
-      > "$RUN/$name.eval.log" 2>&1
-    echo "$name: $(tail -n 2 "$RUN/$name.eval.log" | head -n 1)"
+    checkpoint=$RUN/$name
+    if [[ $objective == none && -n "${BASELINE:-}" ]]; then
+      checkpoint=$BASELINE/$name
+      echo "$name: the FiD run of $BASELINE"
+    else
+      python -m tasks.openqa.emdr2 "${TOWER[@]}" "${READER[@]}" "${JOINT[@]}" --seed "$seed" \
+        --retriever-load "$PRE/mss" --reader-load "$READER_START" --retriever-objective "$objective" \
+        --retriever-lr-mult "$RETRIEVER_LR_MULT" --train-data "$D/train.tsv" --dev-data "$D/dev.tsv" \
+        --index-dir "$RUN/$name/index" --train-iters "$STEPS" --eval-interval 0 --save "$RUN/$name" > "$RUN/$name.log" 2>&1
+    fi
+    evaluate "$checkpoint" "$D/dev.tsv" "$RUN/$name.dev"
+    echo "$name: $(tail -n 2 "$RUN/$name.dev.log" | head -n 1)"
+    if [[ -n "${HELDOUT:-}" ]]; then
+      evaluate "$checkpoint" "$HELDOUT" "$RUN/$name.heldout"
+      echo "$name held-out: $(tail -n 2 "$RUN/$name.heldout.log" | head -n 1)"
+    fi
   done
 done
 
@@ -176,9 +213,20 @@ for seed in $SEEDS; do
 done
 echo "A = FiD (frozen retriever), B = EMDR2; per seed, then pooled:"
 python tools/compare_predictions.py "${pairs[@]}" --metric em top1 top5 top20 | sed "s|$RUN/||g"
+if [[ -n "${HELDOUT:-}" ]]; then
+  heldout_pairs=()
+  for seed in $SEEDS; do
+    heldout_pairs+=("$RUN/none-seed$seed.heldout_predictions.jsonl" "$RUN/emdr2-seed$seed.heldout_predictions.jsonl")
+  done
+  echo "on the held-out questions of $HELDOUT; per seed, then pooled:"
+  python tools/compare_predictions.py "${heldout_pairs[@]}" --metric em top1 top5 top20 | sed "s|$RUN/||g"
+  echo "dev and held-out questions pooled:"
+  python tools/compare_predictions.py "${pairs[@]}" "${heldout_pairs[@]}" --metric em top1 top5 top20 \
+    | grep "pooled over" | sed "s|$RUN/||g"
+fi
 # An earlier run's seeds are comparable only if their readers started from the same checkpoint.
 PRE_READER_START=$(cat "$PRE/reader_start" 2>/dev/null || echo "$PRE/mss")
-if [[ -n "${PRETRAINED:-}" && $PRE_READER_START == "$READER_START" ]]; then
+if [[ -n "${PRETRAINED:-}" && -z "${BASELINE:-}" && $PRE_READER_START == "$READER_START" ]]; then
   # Seeds added to an earlier study are judged with its seeds: pool every seed of $PRE not rerun here.
   earlier=() earlier_seeds=()
   for f in "$PRE"/none-seed*.dev_predictions.jsonl; do

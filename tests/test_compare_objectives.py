@@ -243,3 +243,32 @@ def test_compare_objectives_end_to_end_tiny(tmp_path, nq_mini):
     out = subprocess.run(["bash", str(ROOT / "examples" / "nq_mini_unsupervised_study.sh")], cwd=ROOT, env=e,
                          capture_output=True, text=True)
     assert out.returncode == 2 and "READER_WARMUP=two: expected a number of steps" in out.stderr
+
+    # BASELINE= reuses that run's reader start and FiD arms (re-evaluated, not retrained) and runs only
+    # EMDR², here with its retriever at the reader's learning rate; HELDOUT= evaluates every arm on a
+    # second question set and pools both
+    heldout = tmp_path / "heldout.tsv"
+    heldout.write_text("".join((data / "train.tsv").read_text(encoding="utf-8").splitlines(True)[:8]), encoding="utf-8")
+    del e["READER_WARMUP"]
+    e.update(RUN=str(tmp_path / "faster"), BASELINE=str(warm), RETRIEVER_LR_MULT="1.0", HELDOUT=str(heldout))
+    out = subprocess.run(["bash", str(ROOT / "examples" / "nq_mini_unsupervised_study.sh")], cwd=ROOT, env=e,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    faster = tmp_path / "faster"
+    assert f"none-seed1: the FiD run of {warm}" in out.stdout
+    assert f"(reader from {warm / 'reader-warmup'}; EMDR²'s retriever at 1.0 × the reader's lr)" in out.stdout
+    assert not (faster / "none-seed1").exists() and (faster / "emdr2-seed1" / "latest").exists()
+    # the baseline re-evaluated gives the baseline's answers
+    assert ((faster / "none-seed1.dev_predictions.jsonl").read_text()
+            == (warm / "none-seed1.dev_predictions.jsonl").read_text())
+    assert len((faster / "emdr2-seed1.heldout_predictions.jsonl").read_text().splitlines()) == 8
+    pooled = out.stdout.split("dev and held-out questions pooled:")[1].splitlines()
+    assert pooled[1].startswith("EM: 24 questions") and "pooled over 2 pairs" in pooled[1]
+    for bad, message in ((dict(RETRIEVER_LR_MULT="fast"), "RETRIEVER_LR_MULT=fast: expected a number"),
+                         (dict(HELDOUT=str(tmp_path / "none.tsv")), "none.tsv: no such file"),
+                         (dict(PRETRAINED=""), "BASELINE needs the PRETRAINED"),
+                         (dict(BASELINE=str(start)), "no reader_start"),
+                         (dict(READER_WARMUP="2"), "leave READER_WARMUP unset")):
+        out = subprocess.run(["bash", str(ROOT / "examples" / "nq_mini_unsupervised_study.sh")], cwd=ROOT,
+                             env={**e, "RUN": str(tmp_path / "refused"), **bad}, capture_output=True, text=True)
+        assert out.returncode == 2 and message in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
