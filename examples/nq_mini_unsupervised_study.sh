@@ -27,9 +27,9 @@
 # uninformative reader (the paper's reader, T5 after MSS, reads from its first step).
 # RETRIEVER_LR_MULT=<x> (default 0.1): the retriever's learning rate in the EMDR² arm as a multiple of
 # the reader's (--retriever-lr-mult; ICT and MSS keep theirs, the FiD arm's retriever is frozen).
-# BASELINE=<an earlier study's RUN, same PRETRAINED> reuses its reader start and its FiD arms (their
-# predictions, for the seeds in SEEDS) and runs only the EMDR² arms: to compare an EMDR² setting
-# against a baseline already run. HELDOUT=<QA tsv> also evaluates every arm on those questions
+# BASELINE=<an earlier study's RUN, same PRETRAINED> reuses its reader start and, for the seeds it
+# ran, its FiD checkpoints (re-evaluated, not retrained; other seeds train both arms): to compare an
+# EMDR² setting against a baseline already run. HELDOUT=<QA tsv> also evaluates every arm on those questions
 # (tools/heldout_questions.py writes NQ questions outside nq-mini's train and dev) and pools them.
 # PRETRAIN_ONLY=1 stops after stage 2 (examples/compare_objectives.sh builds its start this way);
 # DATA=<dir with evidence.tsv, train.tsv, dev.tsv> replaces data/nq-mini (smoke tests).
@@ -65,11 +65,6 @@ if [[ -n "${BASELINE:-}" ]]; then
   [[ -n "${PRETRAINED:-}" ]] || { echo "nq_mini_unsupervised_study: error: BASELINE needs the PRETRAINED its runs started from" >&2; exit 2; }
   [[ -f $BASELINE/reader_start ]] || { echo "nq_mini_unsupervised_study: error: BASELINE=$BASELINE: no reader_start (not a study run)" >&2; exit 2; }
   (( ${READER_WARMUP:-0} == 0 )) || { echo "nq_mini_unsupervised_study: error: BASELINE reuses its reader start; leave READER_WARMUP unset" >&2; exit 2; }
-  for seed in ${SEEDS:-1 2 3}; do
-    for f in none-seed$seed.dev.json none-seed$seed.dev_predictions.jsonl none-seed$seed/latest; do
-      [[ -e $BASELINE/$f ]] || { echo "nq_mini_unsupervised_study: error: BASELINE=$BASELINE: no $f (its FiD arm of seed $seed)" >&2; exit 2; }
-    done
-  done
 fi
 RUN=${RUN:-runs/unsup-study-$(date +%Y%m%d-%H%M%S)}
 if [[ -d "$RUN" && -n "$(ls -A "$RUN")" ]]; then
@@ -177,7 +172,7 @@ for seed in $SEEDS; do
   for objective in none emdr2; do
     name=$objective-seed$seed
     checkpoint=$RUN/$name
-    if [[ $objective == none && -n "${BASELINE:-}" ]]; then
+    if [[ $objective == none && -n "${BASELINE:-}" && -f $BASELINE/$name/latest ]]; then
       checkpoint=$BASELINE/$name
       echo "$name: the FiD run of $BASELINE"
     else

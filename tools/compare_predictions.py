@@ -12,7 +12,12 @@ questions the runs disagree on carry information. `--json` prints the same as on
     python tools/compare_predictions.py A1 B1 A2 B2 A3 B3 --metric em top5   # several seeds, pooled
 
 Several pairs (e.g. one per seed) are compared pair by pair and pooled: the discordant questions
-of all pairs are added up for one McNemar test. `--metric topK` compares retrieval instead of
+of all pairs are added up for one McNemar test. That test counts each (question, pair) as
+independent; when the same question recurs across pairs (seeds of one study), the pooled line also
+gives a test by question: each question's net difference (B right minus A right, summed over the
+pairs) is equally likely to take either sign when the arms do not differ, and the exact two-sided p
+of the total under those sign flips is reported. A question some seeds get right on either side
+then counts once, so this p is the honest one when seeds share questions. `--metric topK` compares retrieval instead of
 answers: whether a passage among the first K contains an answer (the records' "first_hit_rank").
 """
 
@@ -76,6 +81,43 @@ def mcnemar_exact_p(only_a: int, only_b: int) -> float:
     return min(1.0, 2 * tail)
 
 
+def sign_flip_exact_p(differences: list[int]) -> float:
+    """Two-sided exact p of |sum(differences)| when each nonzero difference is equally likely to be
+    positive or negative (all 2^n sign patterns; with differences of +-1 this is McNemar's test)."""
+    sizes = [abs(d) for d in differences if d]
+    observed = abs(sum(differences))
+    if observed == 0:
+        return 1.0
+    total = sum(sizes)
+    ways = [0] * (2 * total + 1)  # ways[s + total]: sign patterns whose sum is s
+    ways[total] = 1
+    for size in sizes:
+        shifted = [0] * len(ways)
+        for s, w in enumerate(ways):
+            if w:
+                shifted[s - size] += w
+                shifted[s + size] += w
+        ways = shifted
+    extreme = sum(w for s, w in enumerate(ways) if abs(s - total) >= observed)
+    return min(1.0, extreme / 2 ** len(sizes))
+
+
+def by_question(pairs_rows: list[tuple[list, list]]) -> dict | None:
+    """The sign-flip test on each question's net difference over all pairs; None when no question
+    recurs across pairs (the pooled McNemar test is then already per question)."""
+    net: dict[str, int] = {}
+    seen = 0
+    for a, b in pairs_rows:
+        for (q, x), (_, y) in zip(a, b):
+            net[q] = net.get(q, 0) + int(y) - int(x)
+            seen += 1
+    if len(net) == seen:
+        return None
+    diffs = list(net.values())
+    return {"questions": len(net), "b_ahead": sum(d > 0 for d in diffs), "a_ahead": sum(d < 0 for d in diffs),
+            "p_value": sign_flip_exact_p(diffs)}
+
+
 def compare(a: list[tuple[str, bool]], b: list[tuple[str, bool]], path_a: str, path_b: str) -> dict:
     if len(a) != len(b):
         raise SystemExit(f"compare_predictions: error: {path_a} has {len(a)} questions, {path_b} has {len(b)}")
@@ -114,8 +156,15 @@ def main(argv=None) -> int:
     report = {}
     for metric in args.metric:
         _top_k(metric)
-        per_pair = [compare(read_predictions(a, metric), read_predictions(b, metric), a, b) for a, b in pairs]
-        report[metric] = {"pairs": per_pair, "pooled": pooled(per_pair)} if len(pairs) > 1 else per_pair[0]
+        rows = [(read_predictions(a, metric), read_predictions(b, metric)) for a, b in pairs]
+        per_pair = [compare(ra, rb, a, b) for (ra, rb), (a, b) in zip(rows, pairs)]
+        if len(pairs) > 1:
+            report[metric] = {"pairs": per_pair, "pooled": pooled(per_pair)}
+            clustered = by_question(rows)
+            if clustered is not None:
+                report[metric]["pooled"]["by_question"] = clustered
+        else:
+            report[metric] = per_pair[0]
     if args.json:
         print(json.dumps(report if len(args.metric) > 1 or len(pairs) > 1 else report[args.metric[0]]))
         return 0
@@ -128,6 +177,10 @@ def main(argv=None) -> int:
             print(f"{name}: {x['questions']} questions | A {x['em_a']:.4f} | B {x['em_b']:.4f} | both right "
                   f"{x['both']} | only A {x['only_a']} | only B {x['only_b']} | McNemar exact p {x['p_value']:.3g}"
                   + (f" | {label}" if label else ""))
+            if "by_question" in x:
+                c = x["by_question"]
+                print(f"{name} by question: {c['questions']} questions | A ahead on {c['a_ahead']} | B ahead on "
+                      f"{c['b_ahead']} | sign-flip exact p {c['p_value']:.3g}")
     return 0
 
 
