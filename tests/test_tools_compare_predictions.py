@@ -84,3 +84,34 @@ def test_pairs_are_pooled_and_retrieval_hits_compared(tmp_path, capsys):
     proc = subprocess.run([sys.executable, "tools/compare_predictions.py", no_rank, a1, "--metric", "top5"], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "norank.jsonl:1: --metric top5 needs" in proc.stderr
+
+
+def test_sign_flip_test_by_question():
+    from tools.compare_predictions import sign_flip_exact_p
+
+    # differences of +-1 only: the sign-flip test is McNemar's exact test
+    assert sign_flip_exact_p([1] * 9 + [-1] * 3) == pytest.approx(mcnemar_exact_p(3, 9))
+    assert sign_flip_exact_p([0, 0]) == 1.0 and sign_flip_exact_p([2, -2]) == 1.0
+    # {+2, +1}: the four sign patterns sum to 3, 1, -1, -3, so P(|sum| >= 3) = 2/4
+    assert sign_flip_exact_p([2, 1, 0]) == pytest.approx(0.5)
+
+
+def test_pooled_seeds_sharing_questions_are_also_tested_by_question(tmp_path, capsys):
+    # two seeds on the same three questions: B alone right on q0 in both seeds and on q1 in one.
+    # Pooled McNemar counts 3 discordant pairs (p 0.25); by question the net differences are
+    # +2 and +1, whose sign flips give p 0.5
+    a1 = _write(tmp_path / "a1.jsonl", [("q0", False), ("q1", False), ("q2", True)])
+    b1 = _write(tmp_path / "b1.jsonl", [("q0", True), ("q1", True), ("q2", True)])
+    a2 = _write(tmp_path / "a2.jsonl", [("q0", False), ("q1", False), ("q2", True)])
+    b2 = _write(tmp_path / "b2.jsonl", [("q0", True), ("q1", False), ("q2", True)])
+    assert main([a1, b1, a2, b2, "--json"]) == 0
+    pooled = json.loads(capsys.readouterr().out)["em"]["pooled"]
+    assert pooled["p_value"] == pytest.approx(0.25)
+    assert pooled["by_question"] == {"questions": 3, "b_ahead": 2, "a_ahead": 0, "p_value": pytest.approx(0.5)}
+    assert main([a1, b1, a2, b2]) == 0
+    assert "EM by question: 3 questions | A ahead on 0 | B ahead on 2 | sign-flip exact p 0.5" in capsys.readouterr().out
+    # pairs on different questions (dev and held-out of one seed): no by-question line, McNemar is per question
+    c1 = _write(tmp_path / "c1.jsonl", [("r0", False)])
+    d1 = _write(tmp_path / "d1.jsonl", [("r0", True)])
+    assert main([a1, b1, c1, d1, "--json"]) == 0
+    assert "by_question" not in json.loads(capsys.readouterr().out)["em"]["pooled"]
