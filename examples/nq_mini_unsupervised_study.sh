@@ -217,7 +217,7 @@ if [[ -n "${HELDOUT:-}" ]]; then
   python tools/compare_predictions.py "${heldout_pairs[@]}" --metric em top1 top5 top20 | sed "s|$RUN/||g"
   echo "dev and held-out questions pooled:"
   python tools/compare_predictions.py "${pairs[@]}" "${heldout_pairs[@]}" --metric em top1 top5 top20 \
-    | grep "pooled over" | sed "s|$RUN/||g"
+    | grep -E "pooled over| by question:" | sed "s|$RUN/||g"
 fi
 # An earlier run's seeds are comparable only if their readers started from the same checkpoint.
 PRE_READER_START=$(cat "$PRE/reader_start" 2>/dev/null || echo "$PRE/mss")
