@@ -118,8 +118,8 @@ else
 fi
 JOINT=(--log-interval 25 --embed-batch-size 64 --evidence "$D/evidence.tsv" --top-k "$TOP_K"
        --global-batch-size 8 --micro-batch-size 8 --lr 1e-3 --lr-warmup-fraction 0.05 --weight-decay 0.1
-       --clip-grad 1.0 --reader-encoder-lr-mult 0.3 --autocast bf16 --no-progress-bar --no-repeat-ngram-size 2)
-EVAL=(--evidence "$D/evidence.tsv" --qa-file "$D/dev.tsv" --top-k "$TOP_K" --no-repeat-ngram-size 2 --autocast bf16)
+       --clip-grad 1.0 --reader-encoder-lr-mult 0.3 --autocast auto --no-progress-bar --no-repeat-ngram-size 2)
+EVAL=(--evidence "$D/evidence.tsv" --qa-file "$D/dev.tsv" --top-k "$TOP_K" --no-repeat-ngram-size 2 --autocast auto)
 
 method_flags() {
   case "$1" in

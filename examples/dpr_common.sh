@@ -7,13 +7,13 @@ set -euo pipefail
 REPO=${REPO:-$(cd "$(dirname "$0")/.." && pwd)}
 EVIDENCE=${EVIDENCE:-data/wikipedia-split/psgs_w100.tsv}
 RETRIEVER_INIT=${RETRIEVER_INIT:-checkpoints/ict-base}     # examples/ict_pretrain.sh output
-WORLD=${WORLD:-${SLURM_NTASKS:-${NPROC_PER_NODE:-8}}}   # data-parallel ranks in all
 NEGATIVES=${NEGATIVES:-file}   # file (the DPR json's BM25 hard negatives) | bm25 | dense
 GLOBAL_BATCH=${GLOBAL_BATCH:-128}
-MICRO_BATCH=$((GLOBAL_BATCH / WORLD))   # in-batch negatives over the whole global batch
 ITERS=$(( (TRAIN_QUESTIONS / GLOBAL_BATCH) * EPOCHS ))
 cd "$REPO"
 source examples/launch.sh
+resolve_ranks  # WORLD: the data-parallel ranks this launch starts
+MICRO_BATCH=$((GLOBAL_BATCH / WORLD))   # in-batch negatives over the whole global batch
 launch tasks.openqa.dpr \
     --retriever-load "$RETRIEVER_INIT" \
     --retriever-num-layers 12 --retriever-hidden-size 768 --retriever-num-attention-heads 12 \

@@ -2,6 +2,7 @@
 # GLOBAL_BATCH/EPOCHS where they differ): the paper's Table 7 settings, shared. As in the original
 # code, each draw of a question trains on one of its gold answers at random (--train-answer random).
 source examples/launch.sh
+resolve_ranks  # WORLD: the ranks this launch starts (before anything loads)
 
 DATA_DIR=${DATA_DIR:-data}
 EVIDENCE=${EVIDENCE:-$DATA_DIR/wikipedia-split/psgs_w100.tsv}   # or a tools/preprocess_evidence.py prefix
@@ -14,7 +15,7 @@ INDEX_DIR=${INDEX_DIR:-$SAVE/index}
 TRAIN_EXAMPLES=${TRAIN_EXAMPLES:?}
 GLOBAL_BATCH=${GLOBAL_BATCH:-64}
 EPOCHS=${EPOCHS:-10}
-INDEXERS=${INDEXERS:-8}
+INDEXERS=${INDEXERS:-$(( WORLD / 2 ))}   # half of the launched ranks re-embed the evidence (the paper: 8 of 16)
 case "$(basename "$DEV")" in  # the best checkpoint is chosen on DEV: never on a test set
   *test*) echo "emdr2: error: DEV=$DEV looks like a test set; checkpoints are selected on DEV" >&2; exit 2 ;;
 esac

@@ -2,8 +2,9 @@
 # EMDR² fine-tuning on TriviaQA with the paper's settings (Table 7): 16 GPUs, 8 training
 # and 8 re-embedding the evidence; top-50 passages; index refreshed every 500 steps; Adam lr 2e-5,
 # 1% warm-up, linear decay, weight decay 0.1, clip 1.0, dropout 0.1, batch 64, 10 epochs.
-# Run:   NPROC_PER_NODE=16 bash examples/emdr2_trivia.sh        (one node)
-#        sbatch examples/slurm/emdr2.sbatch examples/emdr2_trivia.sh   (SLURM)
+# Run:   bash examples/emdr2_trivia.sh        (one node, one process per GPU: on 8 GPUs 4 train, 4 index)
+#        sbatch examples/slurm/emdr2.sbatch examples/emdr2_trivia.sh   (SLURM: 2 nodes x 8 GPUs, 8 + 8)
+# INDEXERS (default: half of the launched ranks) sets how many re-embed the evidence.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -2,8 +2,9 @@
 # EMDR² fine-tuning on WebQuestions with the paper's settings (Table 7): 16 GPUs, 8 training
 # and 8 re-embedding the evidence; top-50 passages; index refreshed every 500 steps; Adam lr 2e-5,
 # 1% warm-up, linear decay, weight decay 0.1, clip 1.0, dropout 0.1, batch 16, 20 epochs.
-# Run:   NPROC_PER_NODE=16 bash examples/emdr2_webq.sh        (one node)
-#        sbatch examples/slurm/emdr2.sbatch examples/emdr2_webq.sh   (SLURM)
+# Run:   bash examples/emdr2_webq.sh        (one node, one process per GPU: on 8 GPUs 4 train, 4 index)
+#        sbatch examples/slurm/emdr2.sbatch examples/emdr2_webq.sh   (SLURM: 2 nodes x 8 GPUs, 8 + 8)
+# INDEXERS (default: half of the launched ranks) sets how many re-embed the evidence.
 #
 # WebQuestions has no official dev split, and the test set must never choose the checkpoint.
 # Unless TRAIN and DEV are both given (e.g. the original release's webq-train.csv / webq-dev.csv,

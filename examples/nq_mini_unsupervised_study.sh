@@ -94,7 +94,7 @@ READER=(--reader-num-layers "$READER_LAYERS" --reader-decoder-num-layers 2 --rea
         --reader-max-len 168 --answer-max-len 16 --reader-copy-head --reader-copy-continuation)
 JOINT=(--log-interval 25 --embed-batch-size 64 --evidence "$D/evidence.tsv" --top-k 4 --index-reload-interval 25
        --global-batch-size 8 --micro-batch-size 8 --lr 1e-3 --lr-warmup-fraction 0.05 --weight-decay 0.1
-       --clip-grad 1.0 --reader-encoder-lr-mult 0.3 --autocast bf16 --no-progress-bar "${DECODE[@]}")
+       --clip-grad 1.0 --reader-encoder-lr-mult 0.3 --autocast auto --no-progress-bar "${DECODE[@]}")
 
 PRE=${PRETRAINED:-$RUN}
 if [[ -n "${PRETRAINED:-}" ]]; then
@@ -113,7 +113,7 @@ if [[ $RETRIEVER_INIT == lexical ]]; then
 else
   stage "1/4 ICT from random weights ($ICT_STEPS steps, lr $ICT_LR)"
 fi
-python -m tasks.openqa.ict "${TOWER[@]}" "${ICT_INIT[@]}" --seed 1234 --autocast bf16 --embed-batch-size 64 --evidence "$D/evidence.tsv" \
+python -m tasks.openqa.ict "${TOWER[@]}" "${ICT_INIT[@]}" --seed 1234 --autocast auto --embed-batch-size 64 --evidence "$D/evidence.tsv" \
   --dev-data "$D/dev.tsv" --global-batch-size 32 --micro-batch-size 32 --lr "$ICT_LR" --lr-warmup-fraction 0.05 \
   --weight-decay 0.01 --train-iters "$ICT_STEPS" --eval-interval "$ICT_STEPS" --log-interval 100 --no-progress-bar \
   --save "$RUN/ict" > "$RUN/ict.log" 2>&1
@@ -134,7 +134,7 @@ MSS_DEV=$PRE/mss.dev.json  # an earlier study (or the quickstart) may have evalu
 if [[ ! -f "$MSS_DEV" ]]; then
   MSS_DEV=$RUN/mss.dev.json
   python -m tasks.openqa.evaluate --load "$PRE/mss" --index-dir "$RUN/mss-dev-index" --rebuild-index \
-    --evidence "$D/evidence.tsv" --qa-file "$D/dev.tsv" --top-k 4 "${DECODE[@]}" --autocast bf16 \
+    --evidence "$D/evidence.tsv" --qa-file "$D/dev.tsv" --top-k 4 "${DECODE[@]}" --autocast auto \
     --metrics-out "$MSS_DEV" > "$RUN/mss.eval.log" 2>&1 || { tail -n 5 "$RUN/mss.eval.log" >&2; exit 1; }
 fi
 python tools/stage_table.py --run "$PRE" --table8-only --mss-metrics "$MSS_DEV"
@@ -154,7 +154,7 @@ if (( READER_WARMUP > 0 )); then
     --train-data "$D/train.tsv" --dev-data "$D/dev.tsv" --index-dir "$READER_START/index" \
     --train-iters "$READER_WARMUP" --eval-interval 0 --save "$READER_START" > "$RUN/reader-warmup.log" 2>&1
   python -m tasks.openqa.evaluate --load "$READER_START" --index-dir "$READER_START/dev-index" --rebuild-index \
-    --evidence "$D/evidence.tsv" --qa-file "$D/dev.tsv" --top-k 4 "${DECODE[@]}" --autocast bf16 \
+    --evidence "$D/evidence.tsv" --qa-file "$D/dev.tsv" --top-k 4 "${DECODE[@]}" --autocast auto \
     --metrics-out "$RUN/reader-warmup.dev.json" > "$RUN/reader-warmup.eval.log" 2>&1
   echo "reader-warmup: $(tail -n 2 "$RUN/reader-warmup.eval.log" | head -n 1)"
 fi
@@ -164,7 +164,7 @@ stage "3/4 FiD vs EMDR² from MSS (reader from $READER_START; EMDR²'s retriever
 # evaluate CHECKPOINT QA_FILE OUT: EM, top-k and per-question predictions (OUT.json, OUT_predictions.jsonl)
 evaluate() {
   python -m tasks.openqa.evaluate --load "$1" --index-dir "$3-index" --rebuild-index --evidence "$D/evidence.tsv" \
-    --qa-file "$2" --top-k 4 "${DECODE[@]}" --autocast bf16 --metrics-out "$3.json" \
+    --qa-file "$2" --top-k 4 "${DECODE[@]}" --autocast auto --metrics-out "$3.json" \
     --predictions-file "$3_predictions.jsonl" > "$3.log" 2>&1 || { tail -n 5 "$3.log" >&2; exit 1; }
   rm -rf "$3-index"
 }

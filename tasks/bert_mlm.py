@@ -24,10 +24,13 @@ class SyntheticMLMTask:
     """Sample i is a deterministic function of (seed, i): identical on every rank layout."""
 
     def __init__(self, size: ModelSize, cfg: TrainingConfig, vocab_size: int = 128,
-                 num_samples: int = 4096, mask_prob: float = 0.15, overflow_at: int | None = None):
+                 num_samples: int = 4096, mask_prob: float = 0.15, overflow_at: int | None = None,
+                 nan_loss_at: int | None = None):
         self.size, self.cfg = size, cfg
         self.vocab_size, self.n, self.mask_prob = vocab_size, num_samples, mask_prob
-        self.overflow_at = overflow_at  # test hook: make this iteration's loss infinite
+        # Test hooks (counted in forward steps): the gradients of this step overflow (what fp16
+        # loss scaling skips) while its loss stays finite; this step's loss itself is NaN.
+        self.overflow_at, self.nan_loss_at = overflow_at, nan_loss_at
         self._calls = 0
 
     def build_models(self):
@@ -75,9 +78,23 @@ class SyntheticMLMTask:
         per_sample = (token_losses.float() * loss_mask).sum(1) / loss_mask.sum(1)
         loss = per_sample.mean()
         self._calls += 1
-        if self.overflow_at is not None and self._calls == self.overflow_at:
-            loss = loss * float("inf")
+        if self._calls == self.overflow_at:
+            loss = _OverflowingGrad.apply(loss)
+        if self._calls == self.nan_loss_at:
+            loss = loss * float("nan")
         return loss, {}
+
+
+class _OverflowingGrad(torch.autograd.Function):
+    """Identity forward; infinite gradients backward (a test hook)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
 
 
 def build_parser():

@@ -158,3 +158,103 @@ def test_differentiated_cpu_attention_runs_in_fp32_under_bf16_autocast():
     assert torch.allclose(out.float(), ref, atol=1e-2)
     out.float().sum().backward()
     assert q.grad is not None and q.grad.dtype == torch.bfloat16 and torch.isfinite(q.grad.float()).all()
+
+
+# --autocast auto: bf16 only where this CPU runs it natively and faster.
+
+AVX2_ONLY = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}  # a laptop-class CPU on any x86
+
+
+def _resolve_in_subprocess(requested: str, env_extra: dict) -> tuple[str, str]:
+    """(choice, stderr) of resolve_autocast in a fresh process (the CPU ISA is fixed at start-up)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys; from megatron.emdr2.autocast import resolve_autocast; "
+            f"print(resolve_autocast({requested!r}, 'cpu'))")
+    env = {**os.environ, **env_extra, "RANK": "0"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip().splitlines()[-1], done.stdout
+
+
+def test_auto_runs_fp32_where_bf16_is_emulated_and_says_why():
+    choice, said = _resolve_in_subprocess("auto", AVX2_ONLY)
+    assert choice == "none"
+    assert "autocast auto: fp32" in said
+    assert "slower" in said or "no AVX512-BF16 or AMX" in said
+
+
+def test_explicit_bf16_is_kept_with_one_warning_where_emulated():
+    import os
+    import subprocess
+    import sys
+
+    code = ("from megatron.emdr2.autocast import resolve_autocast; "
+            "print(resolve_autocast('bf16', 'cpu'), resolve_autocast('bf16', 'cpu'))")
+    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, **AVX2_ONLY, "RANK": "0"},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["bf16", "bf16"]
+    assert done.stderr.count("warning: --autocast bf16") == 1
+    assert "slower" in done.stderr and "ms in fp32" in done.stderr
+
+
+def test_auto_follows_the_probe_on_this_cpu():
+    from megatron.emdr2.autocast import cpu_bf16_instructions, probe_cpu_bf16, resolve_autocast
+
+    probe = probe_cpu_bf16()
+    expected = "bf16" if cpu_bf16_instructions() and probe.native else "none"
+    assert resolve_autocast("auto", "cpu", quiet=True) == expected
+
+
+def test_auto_is_fp32_on_gpus_and_under_half_precision_and_none_is_none():
+    from megatron.emdr2.autocast import resolve_autocast
+
+    assert resolve_autocast("auto", "cuda", quiet=True) == "none"  # the GPU recipe is --bf16 / --fp16
+    assert resolve_autocast("auto", "cpu", precision="bf16", quiet=True) == "none"
+    assert resolve_autocast("none", "cpu", quiet=True) == "none"
+    with pytest.raises(ValueError, match="--autocast 'fp8'"):
+        resolve_autocast("fp8", "cpu")
+
+
+def test_probe_decision_rule():
+    from megatron.emdr2.autocast import Bf16Probe
+
+    assert Bf16Probe(True, fp32_ms=10.0, bf16_ms=2.0).native  # AMX / AVX512-BF16
+    assert not Bf16Probe(True, fp32_ms=10.0, bf16_ms=400.0).native  # instructions hidden (VM, ISA cap)
+    assert not Bf16Probe(True, fp32_ms=10.0, bf16_ms=9.5).native  # no real gain: stay exact
+    assert not Bf16Probe(False, fp32_ms=10.0, bf16_ms=2.0).native
+    assert "40x slower" in Bf16Probe(True, 10.0, 400.0).describe()
+
+
+def test_every_autocast_flag_defaults_to_auto():
+    import argparse
+
+    from megatron.emdr2.arguments import add_training_args
+    from tasks.openqa import common
+
+    training = argparse.ArgumentParser()
+    add_training_args(training)
+    inference = argparse.ArgumentParser()
+    common.add_inference_args(inference)
+    assert training.parse_args([]).autocast == "auto"
+    assert inference.parse_args(["--load", "x", "--index-dir", "i"]).autocast == "auto"
+
+
+def test_training_config_holds_the_resolved_choice():
+    import argparse
+
+    from megatron.emdr2.arguments import add_training_args, training_config_from_args
+    from megatron.emdr2.config import ConfigError
+
+    parser = argparse.ArgumentParser()
+    add_training_args(parser)
+    assert training_config_from_args(parser.parse_args(["--autocast", "none"])).precision.autocast == "none"
+    assert training_config_from_args(parser.parse_args(["--bf16"])).precision.autocast == "none"  # auto
+    cfg = training_config_from_args(parser.parse_args(["--bf16", "--autocast", "bf16"]))
+    from megatron.emdr2.arguments import validate
+
+    with pytest.raises(ConfigError, match="cannot be combined"):
+        validate(cfg, 1)

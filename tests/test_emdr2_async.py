@@ -87,3 +87,40 @@ def test_async_refresh_with_indexer_ranks(tmp_path, kill_indexer):
     assert all(r["index_staleness"] == r["iteration"] - r["index_step"] >= 0 for r in train)
     if not kill_indexer:  # refreshed every 4 steps: the lag stays a few intervals, never the run
         assert max(r["index_staleness"] for r in train) < 30, [r["index_staleness"] for r in train]
+
+
+@pytest.mark.slow
+def test_relaunch_with_load_keeps_its_indexers(tmp_path):
+    """The same command launched twice (as every example script relaunches, --load its own
+    --save): the second launch finds the first one's STOP and an hour-old heartbeat in the
+    exchange, and its indexer must still serve it (it once exited at start, before the trainers
+    could clear them, and the index was never refreshed again)."""
+    from megatron.emdr2.initialize import free_port
+
+    evidence = small_evidence(tmp_path, 120)
+    save = tmp_path / "run"
+    flags = [*_flags(tmp_path, evidence, 16), "--index-reload-interval", "2", "--num-indexer-ranks", "1",
+             "--save", str(save), "--load", str(save), "--exit-interval", "8"]
+    exchange = tmp_path / "index" / "exchange"
+    for launch in (1, 2):
+        for log in tmp_path.glob("rank*.log"):
+            log.rename(log.with_name(f"launch{launch - 1}-{log.name}"))
+        procs = launch_ranks("tasks.openqa.emdr2", flags, 2, free_port(), tmp_path)
+        try:
+            codes = _wait_all(procs, 300)
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+        assert codes == [0, 0], _logs(tmp_path)
+        if launch == 1:
+            assert (save / "latest").read_text().strip() == "8" and (exchange / "STOP").exists()
+            first = {m.parent.name for m in (tmp_path / "index").glob("step-*/manifest.json")}
+            hour_ago = time.time() - 3600  # the heartbeat of a launch that ended long ago
+            os.utime(exchange / "heartbeat", (hour_ago, hour_ago))
+    assert [r["iteration"] for r in records(tmp_path / "metrics.jsonl")] == list(range(1, 17))
+    # The second launch's indexer embedded towers of the second launch's steps (9-16).
+    second = {m.parent.name for m in (tmp_path / "index").glob("step-*/manifest.json")} - first
+    assert any(8 < int(name.split("-")[1]) <= 16 for name in second), (sorted(first), sorted(second),
+                                                                         _logs(tmp_path))
+    assert "published index for model step" in (tmp_path / "rank1.log").read_text(), _logs(tmp_path)

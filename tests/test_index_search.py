@@ -106,3 +106,56 @@ def test_faiss_backend_flat_ivf_pq(tmp_path):
     top1 = pq.search(q, 10)[1]
     # lossy, but each query's own (perturbed) vector should be found among the top 10
     assert (top1 == torch.from_numpy(ids[:50])[:, None]).any(1).float().mean() > 0.8
+
+
+def _mm_with_out_dtype(monkeypatch):
+    """Emulate CUDA's ``torch.mm(half, half, out_dtype=float32)`` on the CPU (which lacks the
+    kernel): products of the half inputs accumulated in fp32, written to ``out``. Records the
+    dtypes it was called with."""
+    real_mm, calls = torch.mm, []
+
+    def mm(a, b, *args, out_dtype=None, out=None, **kw):
+        if out_dtype is None:
+            return real_mm(a, b, *args, out=out, **kw) if out is not None else real_mm(a, b, *args, **kw)
+        calls.append((a.dtype, b.dtype, out_dtype))
+        assert a.dtype == b.dtype and a.dtype in (torch.float16, torch.bfloat16) and out_dtype == torch.float32
+        return real_mm(a.float(), b.float(), out=out)
+
+    monkeypatch.setattr(torch, "mm", mm)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_scoring_reads_the_shard_without_an_fp32_tile(monkeypatch, dtype):
+    # the GPU path (on by default where vectors are on CUDA): one half x half GEMM per tile with
+    # fp32 accumulation and fp32 scores, no fp32 copy of the tile; exact for queries the half
+    # dtype represents (the queries are cast to it once per search)
+    calls = _mm_with_out_dtype(monkeypatch)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2001, 32, generator=g).to(dtype)
+    q = torch.randn(5, 32, generator=g).to(dtype).float()
+    searcher = TiledSearcher(x, tile_rows=300, half_scoring=True)
+    assert searcher.half_scoring and "-> fp32 accumulate" in searcher.scoring
+    s, r = searcher.search(q, 40)
+    assert searcher._tile is None and len(calls) == 7  # ceil(2001 / 300) tiles, none widened
+    assert s.dtype == torch.float32 and searcher._scores.dtype == torch.float32
+    assert assert_exact_topk(r, x.float(), q, 40) > 0.99
+    torch.testing.assert_close(s.double(), (q.double() @ x.double().t()).gather(1, r), atol=1e-4, rtol=1e-5)
+    # memory_footprint's helper agrees: no tile buffer on the GPU path, one on the CPU's
+    assert TiledSearcher.buffer_shapes(2001, 32, 5, dtype, 300, "cuda") == ((), 5 * 300)
+    assert TiledSearcher.buffer_shapes(2001, 32, 5, dtype, 300, "cpu") == ((300, 32), 5 * 300)
+    assert TiledSearcher(x).half_scoring is False  # on a CPU the default stays the fp32 tile
+
+
+def test_half_scoring_falls_back_where_torch_has_no_kernel():
+    # a CPU (or a torch without mm(out_dtype)): the first tile finds out, the search widens tiles
+    # into the fp32 buffer from then on, and the results are the exact ones
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(1000, 16, generator=g).half()
+    q = torch.randn(3, 16, generator=g)
+    searcher = TiledSearcher(x, tile_rows=128, half_scoring=True)
+    s, r = searcher.search(q, 10)
+    assert not searcher.half_scoring and searcher._tile is not None
+    assert assert_exact_topk(r, x.float(), q, 10) > 0.99
+    s2, r2 = searcher.search(q, 10)  # and stays on that path
+    assert torch.equal(r, r2) and torch.equal(s, s2)

@@ -38,6 +38,13 @@ def _rank_checks(rank, world, tmp, nq_queries_path):
     out["random_rows"] = idx.local_rows
     _, mine = _queries_of(rank)
     out["random"] = idx.search(mine, 20)
+    # stored vectors by id: each rank asks for its own ids (different counts), found on any shard
+    lookup = torch.tensor([[1000 + 7 * rank, 6002 - rank], [1000 + 2500 + rank, 1000]])[:, :1 + rank % 2]
+    out["lookup"] = (lookup, idx.vectors_of(lookup))
+    try:
+        idx.vectors_of(torch.tensor([999 if rank == 1 else 1000]))  # one rank asks for an absent id
+    except KeyError as e:  # every rank must raise (a rank that went on would hang the others)
+        out["lookup_missing"] = str(e)
     # nq-mini embeddings: every rank passes the same queries
     nq = ShardedIndex.load(Path(tmp) / "nq")
     out["nq"] = nq.search(torch.from_numpy(np.load(nq_queries_path)), 100, gather_queries=False)
@@ -111,6 +118,12 @@ def test_sharded_search_is_exact_on_4_ranks(tmp_path, nq_mini):
     same_nq = (nq_got == torch.from_numpy(nq_ids)[ref_rows]).float().mean().item()
     assert same_nq > 0.999, same_nq
 
+    for r in res:
+        lookup, vectors = r["lookup"]
+        assert vectors.dtype == torch.float32 and vectors.shape == (*lookup.shape, 64)
+        assert torch.equal(vectors, x.half().float()[lookup - 1000])
+        assert "999" in r["lookup_missing"]
+
     tiny_ids = torch.cat([r["tiny"][1] for r in res])
     assert_exact_topk(tiny_ids - 50, tiny_x.half().float(), all_q[:, :8], 5)
 
@@ -122,3 +135,13 @@ def test_sharded_search_is_exact_on_4_ranks(tmp_path, nq_mini):
     emb_ids = torch.cat([r["emb"][1] for r in res[:3]])
     assert_exact_topk((emb_ids - 1) // 2, ref_emb, q32, 10)
     assert read_manifest(tmp_path / "emb").num_rows == 1003
+
+
+def test_vectors_of_one_process(tmp_path):
+    x = torch.randn(50, 16, generator=torch.Generator().manual_seed(2))
+    write_index(tmp_path / "one", x, np.arange(50, dtype=np.int64)[::-1].copy() + 10, num_shards=2)
+    idx = ShardedIndex.load(tmp_path / "one")
+    ids = torch.tensor([[59, 10, 33]])
+    assert torch.equal(idx.vectors_of(ids), x.half().float()[59 - ids])  # rows hold ids 59..10
+    with pytest.raises(KeyError, match="60"):
+        idx.vectors_of(torch.tensor([60]))

@@ -199,3 +199,20 @@ def test_continuation_copies_a_multi_token_span_sooner():
             opt.step()
         losses[continuation] = float(loss)
     assert losses[True] < 0.8 * losses[False], losses
+
+
+@CONTINUATION
+def test_copy_head_decodes_under_bf16_autocast(continuation):
+    # evaluate/answer decode under --autocast (auto picks bf16 on CPUs with native bf16): the copy
+    # attention then comes out in bf16 and must still be scattered into the fp32 copy distribution
+    from megatron.emdr2.autocast import autocast
+
+    reader = _reader(continuation=continuation)
+    ids, mask, dec, _ = _batch()
+    with torch.no_grad(), autocast("cpu", torch.bfloat16):
+        logp = _full_log_probs(reader, ids, mask, dec)
+        for beams in (1, 2):
+            gen = reader.generate(ids, mask, max_length=5, num_beams=beams, bos_id=0, eos_id=1)
+            assert gen.shape[0] == 2 and gen.dtype == torch.long
+    assert logp.dtype == torch.float32
+    assert torch.allclose(logp.logsumexp(-1), torch.zeros(2, 4), atol=5e-3)  # bf16 attention weights

@@ -44,6 +44,10 @@ def test_zero_at_the_start_then_grows_and_trains_the_query_tower_only(tmp_path, 
         biencoder = models["biencoder"]
         biencoder.eval()  # no dropout: the live tower computes what its frozen copy does
         batch = task.make_batch(list(range(4)))
+        if frozen_context:  # the index already holds a frozen tower's vectors: nothing is embedded
+            def embedded(*a):
+                raise AssertionError("the anchor re-embedded passages that the index holds")
+            task._embed_contexts_eval = embedded
         assert float(_anchor_term(task, models, batch)) < 1e-10
 
         with torch.no_grad():  # move the query tower

@@ -100,3 +100,23 @@ def test_heldout_unclaimed_only_looks_past_the_gold_passages_of_train_and_dev(tm
     for question, answers in rows[:20]:  # each answer is in exactly one passage nobody else claims
         golds = [" " + " ".join(simple_tokens(a)) + " " for a in json.loads(answers)]
         assert sum(any(g in p for g in golds if g.strip()) for p in unclaimed) == 1, question
+
+
+def test_stage_table_puts_the_starting_retriever_first_when_the_run_has_it(tmp_path):
+    run = tmp_path / "run"
+    _write_run(run)
+    # what tools/eval_retrieval.py --metrics-out writes for the tower ICT starts from
+    (run / "start.dev.json").write_text(json.dumps({"top1": 0.55, "top5": 0.75, "top20": 0.85, "top50": 0.9,
+                                                    "top100": 0.95, "questions": 10}))
+    out = _table(run, "--start-label", "MiniLM")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    rows = [line.split()[0] for line in lines if line.split() and line.split()[0] in ("MiniLM", "ict", "mss", "emdr2")]
+    assert rows == ["MiniLM", "ict", "mss", "emdr2"]
+    start = next(line for line in lines if line.startswith("MiniLM"))
+    assert "0.550" in start and start.split()[-1] == "-"  # a retriever alone: no EM
+    assert any("MiniLM: the retriever before ICT, on the same questions" in line for line in lines)
+    final = json.loads((run / "final_metrics.json").read_text())
+    assert list(final["stages"]) == ["start", "ict", "mss", "emdr2"]
+    assert final["stages"]["start"] == {"top1": 0.55, "top5": 0.75, "top20": 0.85, "questions": 10}
+    assert final["em"] == 0.3 and final["table8"]["ict_top5"] == 0.7  # the rest as without it

@@ -9,6 +9,11 @@ line (retrieval recall@5 on the dev questions after ICT and after MSS), and writ
 ``final_metrics.json`` (the last stage's metrics at the top level, every stage under "stages",
 Table 8 under "table8", the run time) atomically. The last line printed is that file's path.
 
+If the run has ``start.dev.json`` (the retriever ICT starts from, evaluated on the same dev
+questions before any training, e.g. by ``tools/eval_retrieval.py --metrics-out``), its row comes
+first, as stage "start": what the pipeline's own stages add is then the difference from it
+(``--start-label`` names it in the printed table, e.g. "MiniLM").
+
     python tools/stage_table.py --run RUN --table8-only [--mss-metrics M.json]   # only the Table 8 line
 
 (``--table8-only`` needs just ``ict/metrics.jsonl`` and the MSS checkpoint's dev metrics; the
@@ -23,6 +28,7 @@ import os
 import sys
 
 STAGES = ("ict", "mss", "emdr2")
+START = "start"  # optional: the retriever before ICT (RUN/start.dev.json)
 COLUMNS = ("top1", "top5", "top20", "em", "reading_accuracy")
 
 
@@ -63,7 +69,11 @@ def last_eval(metrics_file: str) -> dict:
 
 
 def stage_metrics(run: str) -> dict[str, dict]:
-    out = {"ict": last_eval(os.path.join(run, "ict", "metrics.jsonl"))}
+    out = {}
+    start = os.path.join(run, f"{START}.dev.json")
+    if os.path.isfile(start):
+        out[START] = _read_json(start)
+    out["ict"] = last_eval(os.path.join(run, "ict", "metrics.jsonl"))
     for stage in STAGES[1:]:
         out[stage] = _read_json(os.path.join(run, f"{stage}.dev.json"))
     return {s: {k: m[k] for k in (*COLUMNS, "questions", "read_questions") if k in m} for s, m in out.items()}
@@ -88,12 +98,17 @@ def table8_line(t8: dict) -> str:
             f"after MSS {t8['mss_top5']:.3f}{note}")
 
 
-def format_table(stages: dict[str, dict]) -> str:
+def format_table(stages: dict[str, dict], start_label: str | None = None) -> str:
     lines = [f"{'stage':<8}" + "".join(f"{c:>18}" for c in ("questions",) + COLUMNS)]
     for name, m in stages.items():
         cells = [f"{m.get('questions', ''):>18}"]
         cells += [f"{m[c]:>18.3f}" if c in m else f"{'-':>18}" for c in COLUMNS]
-        lines.append(f"{name:<8}" + "".join(cells))
+        label = (start_label or name) if name == START else name
+        lines.append(f"{label:<8}" + "".join(cells))
+    if START in stages:
+        n, last = stages[START].get("questions"), list(stages.values())[-1].get("questions")
+        same = "the same questions" if n == last else f"{n} questions: not the same set"
+        lines.append(f"({start_label or START}: the retriever before ICT, on {same})")
     return "\n".join(lines)
 
 
@@ -104,6 +119,8 @@ def main(argv=None) -> None:
     parser.add_argument("--table8-only", action="store_true",
                         help="print only the Table 8 line (needs ict/metrics.jsonl and the MSS dev metrics)")
     parser.add_argument("--mss-metrics", default=None, help="the MSS checkpoint's dev metrics (default RUN/mss.dev.json)")
+    parser.add_argument("--start-label", default=None,
+                        help="the name printed for RUN/start.dev.json's row (default: start)")
     args = parser.parse_args(argv)
     if not os.path.isdir(args.run):
         fail(f"--run {args.run}: no such directory")
@@ -127,7 +144,7 @@ def main(argv=None) -> None:
     questions = final.get("questions", "?")
     print(f"\nnq-mini dev ({questions} questions), every stage's checkpoint "
           f"(reading accuracy: EM where the answer is in the reader's passages)")
-    print(format_table(stages))
+    print(format_table(stages, args.start_label))
     print(table8_line(final["table8"]))
     if args.seconds is not None:
         print(f"run time {args.seconds // 60} min {args.seconds % 60} s")

@@ -128,11 +128,14 @@ def recompute_from_args(args: argparse.Namespace, prefix: str) -> dict:
                 recompute_modules=list(modules) if modules else None)
 
 
-def add_autocast_arg(group, default: str = "none") -> None:
-    group.add_argument("--autocast", default=default, choices=["none", "bf16"],
-                       help="bf16: run forward passes under torch.autocast with fp32 weights and "
-                            "optimizer (faster matrix multiplies on CPUs with AMX/AVX512-BF16: see "
-                            "bench/bench_autocast.py; on GPUs prefer --bf16)")
+def add_autocast_arg(group, default: str = "auto") -> None:
+    from megatron.emdr2.autocast import AUTOCAST_CHOICES
+
+    group.add_argument("--autocast", default=default, choices=list(AUTOCAST_CHOICES),
+                       help="auto (default): bf16 matrix multiplies with fp32 weights where this CPU "
+                            "runs bf16 natively and faster (AMX/AVX512-BF16, measured at start-up), "
+                            "fp32 elsewhere and on GPUs (use --bf16 there); bf16 / none force it "
+                            "(see megatron/emdr2/autocast.py, bench/bench_autocast.py)")
 
 
 def add_training_args(parser: argparse.ArgumentParser, defaults: Optional[TrainingConfig] = None) -> None:
@@ -152,7 +155,7 @@ def add_training_args(parser: argparse.ArgumentParser, defaults: Optional[Traini
                    help=f"one of {', '.join(PRECISIONS)}")
     g.add_argument("--fp16", action="store_const", const="fp16", dest="precision")
     g.add_argument("--bf16", action="store_const", const="bf16", dest="precision")
-    add_autocast_arg(g, d.precision.autocast)
+    add_autocast_arg(g)
     g.add_argument("--initial-loss-scale", type=float, default=d.precision.initial_loss_scale)
     g.add_argument("--min-loss-scale", type=float, default=d.precision.min_loss_scale)
     g.add_argument("--loss-scale-window", type=int, default=d.precision.loss_scale_window)
@@ -219,7 +222,7 @@ def training_config_from_args(args: argparse.Namespace) -> TrainingConfig:
                                 args.use_distributed_optimizer),
         precision=PrecisionConfig(args.precision, args.initial_loss_scale, args.min_loss_scale,
                                   args.loss_scale_window, args.hysteresis, args.loss_scale,
-                                  args.autocast),
+                                  autocast_choice(args.autocast, args.precision)),
         optimizer=OptimizerSettings(args.optimizer, args.lr, args.min_lr, args.weight_decay,
                                     args.adam_beta1, args.adam_beta2, args.adam_eps, args.clip_grad),
         schedule=ScheduleConfig(args.train_iters, warmup_fraction, args.lr_warmup_iters,
@@ -231,6 +234,16 @@ def training_config_from_args(args: argparse.Namespace) -> TrainingConfig:
         logging=LoggingConfig(args.log_interval, args.tensorboard_dir, args.metrics_file,
                               args.eval_interval, args.progress_bar),
     )
+
+
+def autocast_choice(requested: str, precision: str) -> str:
+    """``--autocast`` resolved for this machine ("none" or "bf16"); an explicit bf16 under a
+    half precision is kept, for ``validate`` to refuse."""
+    from megatron.emdr2.autocast import resolve_autocast
+
+    if requested == "bf16" and precision != "fp32":
+        return requested
+    return resolve_autocast(requested, precision=precision)
 
 
 def validate(cfg: TrainingConfig, world_size: int, models: Sequence[ModelSize] = (),

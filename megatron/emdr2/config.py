@@ -135,7 +135,8 @@ class PrecisionConfig:
     hysteresis: int = 2
     loss_scale: Optional[float] = None  # constant scale instead of dynamic
     # "bf16": forward passes under torch.autocast with fp32 weights and optimizer (fast bf16
-    # matrix multiplies on CPUs with AMX/AVX512-BF16; see megatron/emdr2/autocast.py).
+    # matrix multiplies on CPUs with AMX/AVX512-BF16). The flag's "auto" is resolved to "none" or
+    # "bf16" for this machine before a config is built (megatron/emdr2/autocast.py).
     autocast: str = "none"
 
     @property

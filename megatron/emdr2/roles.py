@@ -11,6 +11,7 @@ trainer (the roles talk only through files: see ``openqa/index_refresh.py``).
 from __future__ import annotations
 
 import os
+import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -55,18 +56,33 @@ def _job_store(launch: LaunchEnv, timeout: timedelta):
                          wait_for_workers=False)
 
 
+def _launch_id(store, launch: LaunchEnv) -> str:
+    """One id per launch, the same on every rank of both roles: global rank 0 draws it and the
+    others read it from the job's store (which lives as long as this launch). The roles stamp
+    their exchange files with it, so that a relaunch (the same command with --load) ignores the
+    STOP and heartbeat its previous launch left behind. A torchrun restart is a new launch."""
+    key = f"emdr2-launch-id-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    if launch.rank == 0:
+        store.set(key, uuid.uuid4().hex)
+    return store.get(key).decode()
+
+
 def init_role_process_group(launch: LaunchEnv, role: Role, backend: str | None = None,
-                            timeout_minutes: float = 30.0) -> None:
-    """Make the role's world the default process group of this process."""
+                            timeout_minutes: float = 30.0) -> str | None:
+    """Make the role's world the default process group of this process; returns this launch's
+    id (``_launch_id``), None if a process group existed already."""
     from megatron.emdr2 import cpu_compat
 
     cpu_compat.apply()
     if dist.is_initialized():
-        return
+        return None
     if torch.cuda.is_available():
         torch.cuda.set_device(launch.local_rank % torch.cuda.device_count())
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     timeout = timedelta(minutes=timeout_minutes)
-    store = dist.PrefixStore(f"emdr2-{role.name}", _job_store(launch, timeout))
+    job_store = _job_store(launch, timeout)
+    launch_id = _launch_id(job_store, launch)
+    store = dist.PrefixStore(f"emdr2-{role.name}", job_store)
     dist.init_process_group(backend, store=store, rank=role.rank, world_size=role.world_size,
                             timeout=timeout)
+    return launch_id

@@ -338,7 +338,8 @@ def refresh_config(args):
 
     return RefreshConfig(index_dir=args.index_dir, interval=args.index_reload_interval,
                          asynchronous=args.num_indexer_ranks > 0, embed_batch_size=args.embed_batch_size,
-                         keep_versions=getattr(args, "keep_index_versions", 3))
+                         keep_versions=getattr(args, "keep_index_versions", 3),
+                         launch_id=getattr(args, "launch_id", None))
 
 
 def tokenizers(args):
@@ -371,7 +372,8 @@ def run_roles(args, cfg: TrainingConfig, make_task, make_indexer) -> None:
         role = assign_role(env, args.num_indexer_ranks)
     except ValueError as e:
         fail(str(e))
-    init_role_process_group(env, role)
+    # Both roles stamp the exchange files with the launch's id (a relaunch ignores stale ones).
+    args.launch_id = init_role_process_group(env, role)
     if role.is_trainer:
         init_model_parallel(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel)
         set_seed(cfg.seed)
@@ -398,12 +400,15 @@ def indexer_main(args, cfg: TrainingConfig) -> None:
 
     from megatron.emdr2.autocast import autocast
     from megatron.emdr2.training.loop import compute_device
+    from megatron.emdr2.training.setup import to_compute_device
 
     rtok, _ = tokenizers(args)
     device = compute_device()
     evidence = load_evidence(args.evidence)
     size = role_sizes(args)["retriever"]
     biencoder = builders.build_biencoder(size, rtok.vocab_size, cfg.precision.precision, shared=True)
+    # build_index embeds wherever the tower is: on this rank's GPU, not the host.
+    to_compute_device(biencoder)
 
     def embed_version(step: int, tower_state: dict, out_dir: str, meta: dict) -> None:
         biencoder.query_tower.load_state_dict(tower_state, strict=False)
@@ -445,9 +450,11 @@ def inference_autocast(args):
     """The --autocast context of evaluate / answer (index build, retrieval and decoding)."""
     import torch
 
+    from megatron.emdr2.arguments import autocast_choice
     from megatron.emdr2.autocast import AUTOCAST_DTYPES, autocast
 
-    return autocast("cuda" if torch.cuda.is_available() else "cpu", AUTOCAST_DTYPES[args.autocast])
+    return autocast("cuda" if torch.cuda.is_available() else "cpu",
+                    AUTOCAST_DTYPES[autocast_choice(args.autocast, args.precision)])
 
 
 def load_for_inference(args):

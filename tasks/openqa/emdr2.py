@@ -1,7 +1,7 @@
 """EMDR² end-to-end training of the FiD reader and the dual-encoder retriever.
 
     python -m tasks.openqa.emdr2 --train-data data/nq-mini/train.tsv --index-dir runs/index ...
-    torchrun --nproc_per_node 16 -m tasks.openqa.emdr2 --num-indexer-ranks 8 ...   (async refresh)
+    torchrun --nproc_per_node 8 -m tasks.openqa.emdr2 --num-indexer-ranks 4 ...   (async refresh, a GPU per rank)
 
 See examples/emdr2_*.sh for the paper's settings.
 """

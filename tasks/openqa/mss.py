@@ -3,7 +3,7 @@
     python tools/annotate_entities.py --evidence EVIDENCE --output SENTENCES.jsonl
     python -m tasks.openqa.mss --mss-data SENTENCES.jsonl --evidence EVIDENCE --index-dir runs/index \\
         --retriever-load ICT_CHECKPOINT --reader-load T5_CHECKPOINT ...
-    torchrun --nproc_per_node 16 -m tasks.openqa.mss --num-indexer-ranks 8 ...   (async refresh)
+    torchrun --nproc_per_node 8 -m tasks.openqa.mss --num-indexer-ranks 4 ...   (async refresh, a GPU per rank)
 
 The sentence file may be the original release's (doc_id = DPR passage id). Held-out sentences
 (--mss-dev-data, or the last --mss-dev-sentences of --mss-data) give the evaluation: masked-span

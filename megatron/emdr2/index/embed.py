@@ -96,9 +96,11 @@ def embed_evidence(encoder: Encoder, tokenize: Tokenize, evidence_ids: np.ndarra
     try:
         writer, done, t0 = _embed_my_rows(encoder, tokenize, evidence_ids, write_dir, out_dir, shard, shards,
                                           batch_size, device, compute_dtype, progress and rank == 0,
-                                          log_interval_s, writes, tensor_group)
+                                          log_interval_s, writes, tensor_group, group)
     except OSError as e:  # disk full, permission denied: every rank learns of it and stops
         error = f"{write_dir}: could not write the index ({e})"
+    except FloatingPointError as e:  # e.g. an fp16 overflow on one rank: all stop, same message
+        error = str(e)
     _raise_agreed(error, out_dir, world, group)
 
     dim = writer.dim if writer is not None else 0
@@ -150,14 +152,16 @@ def _shard_layout(group, tensor_group) -> tuple[int, int, bool]:
     return order.index(leader), len(order), dist.get_rank() == leader
 
 
-def _peers_failed(failed: bool, tensor_group) -> bool:
-    """Did any rank of the tensor-parallel group fail to write? (Its peers must stop with it:
-    the next batch's sharded encoder would wait for it forever.)"""
-    if tensor_group is None or dist.get_world_size(tensor_group) == 1:
+def _peers_failed(failed: bool, group) -> bool:
+    """Did any rank of ``group`` fail on this batch (a write error, non-finite embeddings)?
+    Asked after every batch so that all stop at once: a rank that gave up alone would leave the
+    others embedding for hours and then waiting out the collective timeout (and a
+    tensor-parallel peer's next sharded forward would wait for it forever)."""
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
         return failed
-    on = "cuda" if dist.get_backend(tensor_group) == "nccl" else "cpu"
+    on = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
     flag = torch.tensor([int(failed)], dtype=torch.int32, device=on)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=tensor_group)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
     return bool(flag.item())
 
 
@@ -184,33 +188,30 @@ def _published(out_dir: str) -> str:
 
 
 def _embed_my_rows(encoder, tokenize, evidence_ids, write_dir, out_dir, shard, shards, batch_size, device,
-                   compute_dtype, progress, log_interval_s, writes=True, tensor_group=None):
+                   compute_dtype, progress, log_interval_s, writes=True, tensor_group=None, group=None):
     """Embed (and, if ``writes``, write) this shard's rows: (writer or None, rows, start time).
-    No collective inside but the sharded encoder's and the peers' failure flag."""
+    No collective inside but the sharded encoder's and the per-batch failure flag over ``group``
+    (every rank runs as many batches as the largest shard, so the flags pair up)."""
     start, end = row_range(len(evidence_ids), shard, shards)
+    batches = max(-(-(e - s) // batch_size) for s, e in (row_range(len(evidence_ids), i, shards)
+                                                         for i in range(shards)))
     writer, t0, last_log, done = None, time.perf_counter(), time.perf_counter(), 0
     bar = _progress_bar(end - start, enabled=progress)
-    for a in range(start, end, batch_size):
+    for a in range(start, start + batches * batch_size, batch_size):
         b = min(end, a + batch_size)
-        ids, mask = tokenize(range(a, b))
-        with _autocast(device, compute_dtype):
-            emb = encoder(ids.to(device), mask.to(device))
-        emb16 = emb.detach().to(torch.float16)
-        if not bool(torch.isfinite(emb16).all()):
-            raise FloatingPointError(f"{out_dir}: non-finite (or fp16-overflowing) embeddings "
-                                     f"for evidence rows [{a}, {b})")
         failure = None
-        if writes:
-            try:
-                if writer is None:
-                    writer = shard_store.ShardWriter(write_dir, shard, shards, end - start, emb16.shape[1], start)
-                writer.write(a - start, emb16.cpu(), evidence_ids[a:b])
-            except OSError as e:
-                failure = e
-        if _peers_failed(failure is not None, tensor_group):
+        try:
+            if a < end:
+                writer = _embed_batch(encoder, tokenize, evidence_ids, a, b, start, end, device, compute_dtype,
+                                      writer, writes, write_dir, out_dir, shard, shards)
+        except (OSError, FloatingPointError) as e:
+            failure = e
+        if _peers_failed(failure is not None, group):
             if failure is not None:
                 raise failure
-            break  # the writing peer failed: it reports the error to every rank
+            break  # another rank failed: the agreed error reports it to every rank
+        if a >= end:
+            continue
         done += b - a
         bar.update(b - a)
         now = time.perf_counter()
@@ -221,6 +222,26 @@ def _embed_my_rows(encoder, tokenize, evidence_ids, write_dir, out_dir, shard, s
     bar.close()
 
     return writer, done, t0
+
+
+def _embed_batch(encoder, tokenize, evidence_ids, a, b, start, end, device, compute_dtype, writer, writes,
+                 write_dir, out_dir, shard, shards):
+    """Embed rows [a, b) and, if ``writes``, write them; returns the writer (None until this
+    rank writes). FloatingPointError for embeddings fp16 cannot hold."""
+    ids, mask = tokenize(range(a, b))
+    with _autocast(device, compute_dtype):
+        emb = encoder(ids.to(device), mask.to(device))
+    emb16 = emb.detach().to(torch.float16)
+    if not bool(torch.isfinite(emb16).all()):
+        dtype = str(compute_dtype or torch.float32).replace("torch.", "")
+        raise FloatingPointError(f"{out_dir}: non-finite (or fp16-overflowing) embeddings for evidence rows "
+                                 f"[{a}, {b}) (the context tower overflows {dtype}, or it diverged)")
+    if not writes:  # a tensor-parallel peer of the writing rank
+        return None
+    if writer is None:
+        writer = shard_store.ShardWriter(write_dir, shard, shards, end - start, emb16.shape[1], start)
+    writer.write(a - start, emb16.cpu(), evidence_ids[a:b])
+    return writer
 
 
 def _progress_bar(total: int, enabled: bool):

@@ -147,6 +147,34 @@ class ShardedIndex:
         all_i = torch.cat([i[mine] for i in _all_gather(cand_i, self.group)], dim=1)
         return merge_topk(all_s, all_i, k_out)
 
+    @torch.no_grad()
+    def vectors_of(self, ids: torch.Tensor) -> torch.Tensor:
+        """The stored vectors (fp32 ``[*ids.shape, dim]``) of evidence ``ids``, this rank's own
+        ids; an id the index lacks raises KeyError on every rank. Collective like ``search``: a
+        frozen context tower's embeddings are already here, so nothing needs embedding again."""
+        flat = ids.reshape(-1).to(self.ids.device, torch.long)
+        if self.world > 1:
+            wanted, sizes = _all_gather_rows(flat, self.group)
+            offset = sum(sizes[:self.rank])
+            mine = slice(offset, offset + sizes[self.rank])
+        else:
+            wanted, mine = flat, slice(0, flat.shape[0])
+        if not hasattr(self, "_id_order"):  # built once: ids are fixed for the index's life
+            self._id_order = torch.argsort(self.ids)
+            self._sorted_ids = self.ids[self._id_order]
+        pos = torch.searchsorted(self._sorted_ids, wanted).clamp_(max=max(self._sorted_ids.numel() - 1, 0))
+        found = (self._sorted_ids[pos] == wanted) if self._sorted_ids.numel() else torch.zeros_like(wanted, dtype=torch.bool)
+        out = torch.zeros(wanted.shape[0], self.dim, dtype=torch.float32, device=self.vectors.device)
+        out[found] = self.vectors[self._id_order[pos[found]]].float()
+        hits = found.to(torch.int32)
+        if self.world > 1:  # each id lives on exactly one shard: the sum is that shard's row
+            dist.all_reduce(out, group=self.group)
+            dist.all_reduce(hits, group=self.group)
+        missing = wanted[hits == 0]
+        if missing.numel():
+            raise KeyError(f"evidence ids not in the index: {missing[:5].tolist()}")
+        return out[mine].view(*ids.shape, self.dim)
+
 
 def memory_footprint(num_rows: int, dim: int, ranks: int = 1, queries: int = 0, device_type: str = "cuda",
                      tile_rows: int | None = None) -> dict:

@@ -121,7 +121,8 @@ class CopyHead(torch.nn.Module):
         so far [N, t], for span continuation)."""
         attn = self.attention(hidden, keys, mask, ids, inputs)
         copy = torch.zeros(vocab_logits.shape, dtype=torch.float32, device=vocab_logits.device)
-        copy.scatter_add_(-1, ids[None].expand(attn.size(0), -1, -1), attn)
+        # fp32 sums (under --autocast the attention comes out in bf16)
+        copy.scatter_add_(-1, ids[None].expand(attn.size(0), -1, -1), attn.float())
         log_g, log_copy = self.log_gates(hidden)
         return torch.logaddexp(log_g[..., None] + F.log_softmax(vocab_logits.float(), dim=-1),
                                log_copy[..., None] + copy.clamp_min(TINY).log())

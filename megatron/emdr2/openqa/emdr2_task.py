@@ -225,11 +225,11 @@ class OpenQATask:
     def _start_index(self, biencoder) -> None:
         from megatron.emdr2.index import shard_store
 
+        from megatron.emdr2.training.setup import to_compute_device
+
         r = self.refresh_cfg
-        if torch.cuda.is_available():
-            # Embed the first index on the GPU, not the host; the loop would move it there
-            # anyway (module.cuda() keeps the Parameter objects and their lr-group tags).
-            biencoder.cuda()
+        # Embed the first index on the GPU, not the host; the loop would move it there anyway.
+        to_compute_device(biencoder)
         if self.qa.freeze_context_tower and r.interval:
             # A frozen context tower would re-embed the same vectors: never refresh.
             logger.info("context tower frozen: the index is not refreshed (interval %d ignored)", r.interval)
@@ -425,11 +425,12 @@ class OpenQATask:
         return out.to(module_device(biencoder))
 
     def _context_embeddings_no_grad(self, biencoder, ids: torch.Tensor) -> torch.Tensor:
-        """[B, N, H] passage embeddings without gradient: from the frozen tower's cache, or the
-        current context tower in eval mode."""
-        passages = self.passages(ids)
+        """[B, N, H] passage embeddings without gradient (the anchor's ``depth`` passages per
+        question): a frozen tower's are the index's own vectors (its fingerprint was checked
+        against this tower), so none is embedded again; else the current tower in eval mode."""
         if biencoder.freeze_context:
-            return self._frozen_context_embeddings(biencoder, ids, passages)
+            return self.index_manager.index.vectors_of(ids).to(module_device(biencoder))
+        passages = self.passages(ids)
         return self._embed_contexts_eval(biencoder, [p for ps in passages for p in ps]).view(*ids.shape, -1)
 
     def forward_step(self, models, batch: QABatch):

@@ -13,6 +13,11 @@ files only, so an indexer that crashes or lags can never block a trainer::
     <index_dir>/exchange/heartbeat    touched by trainer rank 0 every step
     <index_dir>/exchange/STOP         training has ended: indexers exit
 
+Each of these files names the launch that wrote it (``RefreshConfig.launch_id``, agreed by both
+roles at start-up: ``roles.py``). A relaunch of the same command (what resuming with --load is)
+finds the previous launch's STOP, heartbeat and tower in place; its indexers start before its
+trainers are ready to clear them, so they ignore every exchange file of another launch instead.
+
 Trainers publish the tower every ``interval`` steps (a small file, no stall), poll ``LATEST``
 between steps, load a new version in a background thread and switch to it at the first step
 boundary where every trainer rank has it in memory. Until then they keep searching the old one.
@@ -46,14 +51,21 @@ class RefreshConfig:
     poll_seconds: float = 1.0       # indexers' polling period
     heartbeat_timeout: float = 900  # indexers give up when trainers stay silent this long
     keep_versions: int = 3          # complete index versions kept on disk (0: all)
+    launch_id: Optional[str] = None  # this launch's stamp on the exchange files (None: unstamped)
 
 
 class Exchange:
-    """The files through which trainers and indexers communicate."""
+    """The files through which trainers and indexers communicate.
 
-    def __init__(self, index_dir: str | os.PathLike):
+    With a ``launch_id``, the trainers stamp the heartbeat, STOP and the tower pointer with it and
+    the indexers read only what carries their own; without one any file counts (one launch)."""
+
+    def __init__(self, index_dir: str | os.PathLike, launch_id: Optional[str] = None):
         self.root = Path(index_dir) / "exchange"
         self.towers = self.root / "towers"
+        self.launch_id = launch_id
+        self._beating = False    # trainer side: this launch's heartbeat file is written
+        self._seen_beat = False  # indexer side: this launch's trainers have beaten
 
     def prepare(self) -> None:
         self.towers.mkdir(parents=True, exist_ok=True)
@@ -71,7 +83,7 @@ class Exchange:
         tensors = {k: v.detach().cpu() for k, v in state_dict.items() if torch.is_tensor(v)}
         torch.save({"step": step, "state_dict": tensors, "meta": dict(meta or {})}, tmp)
         os.replace(tmp, path)
-        shard_store.atomic_write_text(self.towers / "LATEST", f"{step}\n")
+        shard_store.atomic_write_text(self.towers / "LATEST", self._stamped(str(step)))
         # Indexers want only the newest tower; keep one older file for an indexer that is
         # just about to read it.
         for old in sorted(self.towers.glob("step-*.pt"))[:-2]:
@@ -79,16 +91,34 @@ class Exchange:
         return path
 
     def beat(self) -> None:
-        (self.root / "heartbeat").touch()
+        if not self._beating:  # the first beat names the launch; the later ones only touch it
+            shard_store.atomic_write_text(self.root / "heartbeat", self._stamped("beat"))
+            self._beating = True
+        else:
+            (self.root / "heartbeat").touch()
 
     def request_stop(self) -> None:
-        shard_store.atomic_write_text(self.root / "STOP", "stop\n")
+        shard_store.atomic_write_text(self.root / "STOP", self._stamped("stop"))
+
+    def _stamped(self, word: str) -> str:
+        return f"{word} {self.launch_id}\n" if self.launch_id else f"{word}\n"
 
     # indexer side --------------------------------------------------------------
+    def _read_own(self, path: Path) -> Optional[str]:
+        """The file's first word ("" if none) if this launch wrote it (without an id: whoever
+        did); None if it is absent or another launch's."""
+        try:
+            words = path.read_text().split()
+        except FileNotFoundError:
+            return None
+        if self.launch_id and words[1:2] != [self.launch_id]:
+            return None
+        return words[0] if words else ""
+
     def latest_tower_step(self) -> Optional[int]:
         try:
-            return int((self.towers / "LATEST").read_text())
-        except (FileNotFoundError, ValueError):
+            return int(self._read_own(self.towers / "LATEST"))
+        except (TypeError, ValueError):
             return None
 
     def load_tower(self, step: int) -> dict:
@@ -102,13 +132,22 @@ class Exchange:
         return payload["state_dict"], payload.get("meta", {})
 
     def stop_requested(self) -> bool:
-        return (self.root / "STOP").exists()
+        return self._read_own(self.root / "STOP") is not None
 
     def heartbeat_age(self) -> float:
+        """Seconds since this launch's trainers last beat: 0 until they first do (they may be
+        loading models or embedding the first index); infinite once another launch's heartbeat
+        replaced theirs (or it was removed): they are gone."""
+        path = self.root / "heartbeat"
         try:
-            return time.time() - (self.root / "heartbeat").stat().st_mtime
+            mtime = path.stat().st_mtime
+            own = self._read_own(path) is not None
         except FileNotFoundError:
-            return 0.0
+            own = False
+        if not own:
+            return float("inf") if self._seen_beat else 0.0
+        self._seen_beat = True
+        return time.time() - mtime
 
 
 def latest_version(index_dir: str | os.PathLike) -> Optional[str]:
@@ -147,7 +186,7 @@ class IndexManager:
         self.cfg, self.build_sync, self.context_state = cfg, build_sync, context_state
         self.tower_meta = tower_meta  # published with each tower, written in the indexers' manifests
         self.group, self.device = group, device
-        self.exchange = Exchange(cfg.index_dir)
+        self.exchange = Exchange(cfg.index_dir, cfg.launch_id)
         self.index: Optional[ShardedIndex] = None
         self.version: Optional[str] = None
         self.version_dir: Optional[Path] = None
@@ -242,7 +281,7 @@ def run_indexer(cfg: RefreshConfig, embed_version: Callable[[int, dict, str, dic
     and runs the (collective) evidence embedding into ``out_dir`` (``meta``: what the trainers
     published with the tower, for the manifest).
     """
-    exchange = Exchange(cfg.index_dir)
+    exchange = Exchange(cfg.index_dir, cfg.launch_id)
     rank = dist.get_rank(group) if dist.is_initialized() else 0
     threading.Thread(target=_watchdog, args=(exchange, grace_seconds, cfg.heartbeat_timeout),
                      daemon=True).start()

@@ -29,7 +29,7 @@ from megatron.emdr2.training.task import Task, optional
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite outside fp16 loss scaling: stop before the step is applied."""
+    """The loss became NaN or infinite (in any precision): stop before the step is applied."""
 
 
 @dataclass
@@ -233,11 +233,10 @@ class Trainer:
         return out
 
     def _check_finite(self, loss: float) -> None:
-        """fp16's loss scaler skips overflowing steps by itself; in fp32/bf16 a NaN or infinite
-        loss would poison the weights and every later checkpoint, so the run stops before this
-        step is applied (all trainer ranks together), naming the last good checkpoint."""
-        if self.cfg.precision.fp16:
-            return
+        """A NaN or infinite loss would poison the weights and every later checkpoint, so the run
+        stops before this step is applied (all trainer ranks together), naming the last good
+        checkpoint. Under fp16 too: its loss scaler skips steps whose *gradients* overflow (the
+        loss itself stays finite), but no loss scale can mend a forward pass that is not finite."""
         bad = torch.tensor([0.0 if math.isfinite(loss) else 1.0])
         if torch.distributed.is_initialized():
             if torch.cuda.is_available():

@@ -23,9 +23,16 @@ def cast_to_precision(module: torch.nn.Module, cfg: TrainingConfig) -> torch.nn.
         module.half()
     elif cfg.precision.bf16:
         module.bfloat16()
-    if torch.cuda.is_available():
-        module.cuda()
-    return module
+    return to_compute_device(module)
+
+
+def to_compute_device(module: torch.nn.Module) -> torch.nn.Module:
+    """Every model every role builds (trainers, indexers, inference) goes through here, so that
+    none is left on the host while a GPU waits (``module.to`` keeps the Parameter objects and
+    so their lr-group tags). Looked up at call time: tests patch ``loop.compute_device``."""
+    from megatron.emdr2.training import loop
+
+    return module.to(loop.compute_device())
 
 
 def wrap_ddp(module: torch.nn.Module, cfg: TrainingConfig):
