@@ -7,7 +7,7 @@
 #   3. named-entity annotation of the evidence (spaCy, offline) for masked salient spans
 #   4. MSS pre-training of retriever and reader (EMDR² objective, masked entities of the evidence)
 #   5. EMDR² fine-tuning of retriever and reader on nq-mini train; the retriever anchor
-#      (--retriever-anchor-weight) holds the ranking below the 4 passages the reader reads, which
+#      (--retriever-anchor-weight) holds the ranking below the 3 passages the reader reads, which
 #      EMDR²'s term never sees (docs/objectives.md)
 #   6. every stage's checkpoint evaluated on nq-mini dev (top-1/5/20; EM and reading accuracy
 #      where there is a reader), and a few answered questions; the closing table is followed by
@@ -28,7 +28,8 @@
 # starts strong (step 1 shows how strong). --autocast auto runs bf16 matrix products only on a
 # CPU that multiplies bf16 natively (AMX/AVX512-BF16, measured at start-up) and fp32 elsewhere:
 # emulated bf16 is tens of times slower (megatron/emdr2/autocast.py). The step counts (ICT 30,
-# MSS 50, EMDR² 250) are sized so that the run fits 30 minutes on 2 cores in fp32.
+# MSS 50, EMDR² 250) and the reader's 3 passages are sized so that the run fits 30 minutes on 2
+# cores in fp32.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -59,7 +60,7 @@ READER=(--reader-num-layers 6 --reader-decoder-num-layers 2 --reader-hidden-size
         --reader-max-len 168 --answer-max-len 16 --reader-copy-head --reader-copy-continuation)
 COMMON=(--seed 1234 --log-interval 25 --embed-batch-size 64 --autocast auto --no-progress-bar)
 # A fresh decoder learns at 1e-3, the pretrained encoder at 3e-4, the query tower at 2e-5.
-JOINT=(--evidence "$DATA/evidence.tsv" --index-dir "$RUN/index" --top-k 4 --global-batch-size 8
+JOINT=(--evidence "$DATA/evidence.tsv" --index-dir "$RUN/index" --top-k 3 --global-batch-size 8
        --micro-batch-size 8 --lr 1e-3 --lr-warmup-fraction 0.05 --weight-decay 0.1 --clip-grad 1.0
        --reader-encoder-lr-mult 0.3 --no-repeat-ngram-size 2 --complete-words --stop-at-repeated-word)
 
@@ -99,13 +100,13 @@ grep -a -o "evaluation at iteration.*" "$RUN/emdr2.log" | tail -n 1
 stage "6/7 every stage on all of nq-mini dev, and a few answered questions"
 for s in mss emdr2; do
   python -m tasks.openqa.evaluate --load "$RUN/$s" --index-dir "$RUN/index" --evidence "$DATA/evidence.tsv" \
-    --qa-file "$DATA/dev.tsv" --top-k 4 --no-repeat-ngram-size 2 --autocast auto --seed 1234 \
+    --qa-file "$DATA/dev.tsv" --top-k 3 --no-repeat-ngram-size 2 --autocast auto --seed 1234 \
     --metrics-out "$RUN/$s.dev.json" --predictions-file "$RUN/$s.dev_predictions.jsonl" > "$RUN/$s.eval.log" 2>&1 \
     || { tail -n 5 "$RUN/$s.eval.log" >&2; exit 1; }
 done
 head -n 3 "$DATA/dev.tsv" | cut -f1 > "$RUN/questions.txt"
 python tools/answer.py --load "$RUN/emdr2" --index-dir "$RUN/index" --evidence "$DATA/evidence.tsv" \
-  --top-k 4 --no-repeat-ngram-size 2 --autocast auto --questions-file "$RUN/questions.txt" --show-passages 1 \
+  --top-k 3 --no-repeat-ngram-size 2 --autocast auto --questions-file "$RUN/questions.txt" --show-passages 1 \
   --json "$RUN/answers.jsonl" 2> "$RUN/answer.log"
 
 stage "7/7 plots"
