@@ -99,12 +99,13 @@ def table8_line(t8: dict) -> str:
 
 
 def format_table(stages: dict[str, dict], start_label: str | None = None) -> str:
-    lines = [f"{'stage':<8}" + "".join(f"{c:>18}" for c in ("questions",) + COLUMNS)]
+    labels = {name: (start_label or name) if name == START else name for name in stages}
+    width = max([8, *(len(label) + 1 for label in labels.values())])  # the start row's label may be long
+    lines = [f"{'stage':<{width}}" + "".join(f"{c:>18}" for c in ("questions",) + COLUMNS)]
     for name, m in stages.items():
         cells = [f"{m.get('questions', ''):>18}"]
         cells += [f"{m[c]:>18.3f}" if c in m else f"{'-':>18}" for c in COLUMNS]
-        label = (start_label or name) if name == START else name
-        lines.append(f"{label:<8}" + "".join(cells))
+        lines.append(f"{labels[name]:<{width}}" + "".join(cells))
     if START in stages:
         n, last = stages[START].get("questions"), list(stages.values())[-1].get("questions")
         same = "the same questions" if n == last else f"{n} questions: not the same set"
