@@ -8,6 +8,10 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# Commands the tests start run fp32 unless a test asks for --autocast: `auto` would pick bf16 on
+# CPUs with native bf16 only, and a test's numbers must not depend on the CPU running it
+# (tests/test_autocast.py tests `auto` itself).
+os.environ.setdefault("EMDR2_AUTOCAST", "none")
 
 
 def pytest_configure(config):

@@ -229,8 +229,10 @@ def test_probe_decision_rule():
     assert "40x slower" in Bf16Probe(True, 10.0, 400.0).describe()
 
 
-def test_every_autocast_flag_defaults_to_auto():
+def test_every_autocast_flag_defaults_to_auto(monkeypatch):
     import argparse
+
+    monkeypatch.delenv("EMDR2_AUTOCAST", raising=False)  # conftest pins the suite's commands to none
 
     from megatron.emdr2.arguments import add_training_args
     from tasks.openqa import common
@@ -241,6 +243,15 @@ def test_every_autocast_flag_defaults_to_auto():
     common.add_inference_args(inference)
     assert training.parse_args([]).autocast == "auto"
     assert inference.parse_args(["--load", "x", "--index-dir", "i"]).autocast == "auto"
+    monkeypatch.setenv("EMDR2_AUTOCAST", "none")
+    pinned = argparse.ArgumentParser()
+    add_training_args(pinned)
+    assert pinned.parse_args([]).autocast == "none"
+    monkeypatch.setenv("EMDR2_AUTOCAST", "fp8")
+    from megatron.emdr2.config import ConfigError
+
+    with pytest.raises(ConfigError, match="EMDR2_AUTOCAST='fp8'"):
+        add_training_args(argparse.ArgumentParser())
 
 
 def test_training_config_holds_the_resolved_choice():
@@ -258,3 +269,30 @@ def test_training_config_holds_the_resolved_choice():
 
     with pytest.raises(ConfigError, match="cannot be combined"):
         validate(cfg, 1)
+
+
+def test_a_refused_command_prints_only_its_error_and_a_running_one_says_its_choice(tmp_path):
+    """auto's decision is printed once the flags are known to be good, never before an error."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "EMDR2_AUTOCAST"}
+    env.update(AVX2_ONLY, RANK="0")
+    bad = subprocess.run([sys.executable, "-m", "tasks.openqa.ict", "--precision", "fp8"], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and bad.stdout == "", bad.stdout
+    assert [l for l in bad.stderr.splitlines() if l.strip()] == [l for l in bad.stderr.splitlines()
+                                                                 if "fp8" in l], bad.stderr
+    from megatron.emdr2.autocast import announce, resolve_autocast
+
+    announce()  # nothing pending from earlier tests
+    assert resolve_autocast("auto", "cuda", quiet=True) == "none"
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        announce()
+        announce()
+    assert out.getvalue().count("autocast auto: fp32 (on GPUs") == 1

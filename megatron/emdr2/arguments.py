@@ -128,9 +128,15 @@ def recompute_from_args(args: argparse.Namespace, prefix: str) -> dict:
                 recompute_modules=list(modules) if modules else None)
 
 
-def add_autocast_arg(group, default: str = "auto") -> None:
+def add_autocast_arg(group, default: str | None = None) -> None:
+    """``--autocast``, default auto; ``EMDR2_AUTOCAST`` changes the default (the test suite sets
+    it to none, so that its numbers do not depend on the CPU that runs it)."""
     from megatron.emdr2.autocast import AUTOCAST_CHOICES
 
+    if default is None:
+        default = os.environ.get("EMDR2_AUTOCAST") or "auto"
+        if default not in AUTOCAST_CHOICES:
+            raise ConfigError(f"EMDR2_AUTOCAST={default!r} is not one of {', '.join(AUTOCAST_CHOICES)}")
     group.add_argument("--autocast", default=default, choices=list(AUTOCAST_CHOICES),
                        help="auto (default): bf16 matrix multiplies with fp32 weights where this CPU "
                             "runs bf16 natively and faster (AMX/AVX512-BF16, measured at start-up), "
@@ -243,7 +249,7 @@ def autocast_choice(requested: str, precision: str) -> str:
 
     if requested == "bf16" and precision != "fp32":
         return requested
-    return resolve_autocast(requested, precision=precision)
+    return resolve_autocast(requested, precision=precision, quiet=True)  # said by autocast.announce()
 
 
 def validate(cfg: TrainingConfig, world_size: int, models: Sequence[ModelSize] = (),

@@ -118,12 +118,15 @@ def resolve_autocast(requested: str, device: torch.device | str | None = None,
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     on_cpu = torch.device(device).type == "cpu"
+    global _DECISION
     if requested == "bf16":
         if on_cpu and not probe_cpu_bf16().native:
             global _WARNED
-            if not _WARNED and not quiet:
-                _say(f"warning: --autocast bf16 on a CPU without fast native bf16: {probe_cpu_bf16().describe()}; "
-                     f"--autocast auto (or none) runs fp32 here", sys.stderr)
+            if not _WARNED:
+                _DECISION = (f"warning: --autocast bf16 on a CPU without fast native bf16: "
+                             f"{probe_cpu_bf16().describe()}; --autocast auto (or none) runs fp32 here", sys.stderr)
+                if not quiet:
+                    announce()
             _WARNED = True
         return "bf16"
     if requested == "none":
@@ -138,9 +141,22 @@ def resolve_autocast(requested: str, device: torch.device | str | None = None,
     else:
         probe = probe_cpu_bf16()
         choice, why = ("bf16" if probe.native else "none"), probe.describe()
+    _DECISION = (f"autocast auto: {'bf16' if choice == 'bf16' else 'fp32'} ({why})", None)  # stdout when said
     if not quiet:
-        _say(f"autocast auto: {'bf16' if choice == 'bf16' else 'fp32'} ({why})")
+        announce()
     return choice
+
+
+_DECISION: tuple | None = None  # (line, stream): the last decision or warning, for ``announce``
+
+
+def announce() -> None:
+    """Print the last ``auto`` decision and its reason (once). Entry points call it after their
+    flags are validated, so a refused command prints only its one-line error."""
+    global _DECISION
+    if _DECISION is not None:
+        _say(*_DECISION)
+        _DECISION = None
 
 
 def _cpu_autocast_dtype(tensor: torch.Tensor):

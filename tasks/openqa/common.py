@@ -451,10 +451,11 @@ def inference_autocast(args):
     import torch
 
     from megatron.emdr2.arguments import autocast_choice
-    from megatron.emdr2.autocast import AUTOCAST_DTYPES, autocast
+    from megatron.emdr2.autocast import AUTOCAST_DTYPES, announce, autocast
 
-    return autocast("cuda" if torch.cuda.is_available() else "cpu",
-                    AUTOCAST_DTYPES[autocast_choice(args.autocast, args.precision)])
+    dtype = AUTOCAST_DTYPES[autocast_choice(args.autocast, args.precision)]
+    announce()
+    return autocast("cuda" if torch.cuda.is_available() else "cpu", dtype)
 
 
 def load_for_inference(args):

@@ -1,8 +1,8 @@
 """Decoded answers completed to whole words of the passage they were copied from (``--complete-words``).
 
 A reader that copies answers from its passages piece by piece can stop one piece short of a word's
-end: "natasha bharad" for the passage's "Natasha Bharadwaj", "pradyum" for "Pradyumna" (on nq-mini
-dev, 8 of the quickstart reader's 316 wrong answers). No answer ends inside a word, so where the
+end: "natasha bharad" for the passage's "Natasha Bharadwaj", "pradyum" for "Pradyumna" (seen in an earlier
+quickstart reader's nq-mini dev answers, on which the rule was designed). No answer ends inside a word, so where the
 answer's pieces occur in one of the passages the reader read and the next passage pieces continue
 that word (WordPiece ``##`` pieces, SentencePiece pieces without ``▁``), they are appended. The
 passages are searched in retrieval order and the first occurrence decides; an answer that occurs

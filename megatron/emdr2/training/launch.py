@@ -29,6 +29,9 @@ def parse_and_validate(parser: argparse.ArgumentParser, argv: Optional[Sequence[
         validate(cfg, world, list(model_sizes(args)), list(paths(args)))
     except ConfigError as e:
         fail(str(e), parser.prog)
+    from megatron.emdr2.autocast import announce
+
+    announce()  # --autocast auto's choice, once the command is known to run
     return args, cfg
 
 
