@@ -265,7 +265,9 @@ def test_fid_equals_t5_over_concatenated_separate_encodings(tmp_path):
     pad_mask = torch.cat([mask, torch.zeros(2, 1, 7, dtype=torch.long)], 1)
     with torch.no_grad():
         padded = reader(pad_ids, pad_mask, dec)
-    assert (padded - ours).abs().max().item() <= 1e-6
+    # Not bit-equal: the extra (masked) positions change the kernels' summation order, and on AVX2
+    # kernels that moves fp32 logits of size ~20 by a few 1e-6.
+    assert (padded - ours).abs().max().item() <= 2e-5
     # ... and a wrong mask would: unmasking the padding moves the logits.
     with torch.no_grad():
         leaky = reader(pad_ids, torch.ones_like(pad_mask), dec)
