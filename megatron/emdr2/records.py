@@ -238,6 +238,16 @@ def run_command(argv: list[str]) -> dict:
 # ---------------------------------------------------------------- reading and checking
 
 
+def _cached_record(cache: dict, path: Path):
+    """``load_record(path)`` once per path; a RecordError is cached (and returned) too."""
+    if path not in cache:
+        try:
+            cache[path] = load_record(path)
+        except RecordError as e:
+            cache[path] = e
+    return cache[path]
+
+
 def load_record(path: str | os.PathLike) -> dict:
     path = Path(path)
     try:
@@ -363,12 +373,7 @@ def check_text(text: str, file: str, base_dir: Path, records: dict | None = None
             key, op, factor = fm.group("key"), fm.group("op"), fm.group("n")
             cite = Citation(file, n, label, target, record_path, key, (op, float(factor)) if op else None)
             result.citations.append(cite)
-            if record_path not in records:
-                try:
-                    records[record_path] = load_record(record_path)
-                except RecordError as e:
-                    records[record_path] = e
-            record = records[record_path]
+            record = _cached_record(records, record_path)
             if isinstance(record, RecordError):
                 result.problems.append(f"{where}: [{label}]({target}): {record}")
                 continue
@@ -455,12 +460,7 @@ def fill_text(text: str, base_dir: Path) -> tuple[str, list[str], list[str]]:
         if not label.startswith("TODO(") or not _is_record_target(path) or not fragment:
             return m.group(0)
         record_path = (base_dir / path).resolve()
-        if record_path not in cache:
-            try:
-                cache[record_path] = load_record(record_path)
-            except RecordError as e:
-                cache[record_path] = e
-        record = cache[record_path]
+        record = _cached_record(cache, record_path)
         fm = _FRAGMENT.match(fragment)
         key, op, factor = fm.group("key"), fm.group("op"), fm.group("n")
         if isinstance(record, RecordError) or key not in record["figures"]:
